@@ -1,0 +1,614 @@
+"""Instance estimator: what each instance will do to a request sent to it now.
+
+Resource side of GoodServe. Per instance it keeps EMA-smoothed, black-box
+estimates of queueing delay, prefill time per token and time per output token
+(as a linear function of batch size), seeded from the GPU performance model and
+corrected from heartbeats and completions. State is a struct of numpy arrays, one
+slot per instance, so that a routing decision over 512 instances is a handful of
+vector operations (the router must make >= 20,000 decisions/s).
+
+Requests the dispatcher assigned are tracked (predicted length, deadline, progress)
+so the estimate includes the work already on an instance, including work that its
+heartbeats have not reported yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from goodserve.schemas import Heartbeat, InstanceView
+from goodserve.schemas.errors import ConfigError
+
+from goodserve.perf.latency import PerfModel
+
+_CPU_GPUS = ("cpu", "cpu-vllm")
+
+
+@functools.cache
+def _cpu_perf() -> PerfModel:
+    from goodserve.perf.cpu_profile import vllm_cpu_perf_model
+
+    return vllm_cpu_perf_model()
+
+
+def perf_model_for(gpu: str, model: str) -> PerfModel:
+    """The performance model seeding an instance's estimates.
+
+    Live workers name what they run: a vLLM CPU worker reports ``gpu="cpu"`` and a model
+    path. Those get the fitted vllm-cpu profile (a model path is tried by its last part);
+    an unknown model falls back to the catalogue's default, since heartbeats correct the
+    estimates anyway. Only an unknown GPU type on its own is still an error.
+    """
+    if gpu.lower() in _CPU_GPUS:
+        return _cpu_perf()
+    try:
+        return PerfModel(gpu, model)
+    except ConfigError:
+        name = model.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            return PerfModel(gpu, name)
+        except ConfigError:
+            return PerfModel(gpu, "llama-2-7b")
+
+
+# EMA weight of a new observation.
+DEFAULT_ALPHA = 0.3
+# An instance without a heartbeat for this long is stale: excluded from routing.
+DEFAULT_STALE_AFTER_S = 3.0
+# Context length assumed when fitting the TPOT line from the performance model.
+_FIT_CONTEXT = 512
+
+
+@dataclass(slots=True)
+class TrackedRequest:
+    """A request the dispatcher placed, as far as the estimator knows."""
+
+    request_id: str
+    slot: int
+    input_tokens: int
+    planned_tokens: float
+    deadline: float
+    assigned_at: float
+    generated: int = 0
+    started: bool = False
+    p50: float = 0.0
+    p90: float = 0.0
+    cached_tokens: int = 0
+    ctx: float = 0.0
+    """KV tokens this request is expected to hold at its end (prompt + planned output)."""
+    est_fixed_s: float = 0.0
+    """Estimated queueing + prefill at decision time (0: unknown)."""
+    est_tpot_s: float = 0.0
+    """Estimated time per output token at decision time (0: unknown)."""
+
+
+@dataclass(slots=True)
+class InstanceInfo:
+    instance_id: str
+    gpu: str
+    model: str
+    perf: PerfModel
+    requests: dict[str, TrackedRequest] = field(default_factory=dict)
+
+
+class FleetEstimator:
+    """EMA estimates of every instance, as arrays indexed by slot."""
+
+    def __init__(
+        self,
+        *,
+        alpha: float = DEFAULT_ALPHA,
+        stale_after_s: float = DEFAULT_STALE_AFTER_S,
+        require_heartbeat: bool = False,
+    ) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self.stale_after_s = stale_after_s
+        self.require_heartbeat = require_heartbeat
+        self.infos: list[InstanceInfo] = []
+        self.index: dict[str, int] = {}
+        self.requests: dict[str, TrackedRequest] = {}
+        n = 0
+        # Static (from the performance model)
+        self.speed = np.zeros(n)  # relative speed: 1 / model TPOT at batch 1
+        self.max_batch = np.zeros(n)
+        self.kv_total = np.zeros(n)  # tokens of KV capacity
+        self.d0 = np.zeros(n)  # TPOT(B) = (d0 + d1 * B) * tpot_corr
+        self.d1 = np.zeros(n)
+        self.pf = np.zeros(n)  # prefill seconds per token (model)
+        self.pb = np.zeros(n)  # prefill fixed seconds (model)
+        # Learned corrections and observed state
+        self.tpot_corr = np.ones(n)
+        self.tpot_corr_base = np.ones(n)  # slow EMA of tpot_corr: a jump above it = slowdown
+        self.prefill_corr = np.ones(n)
+        self.finish_corr = np.ones(n)  # EMA of observed / estimated completion time
+        self.queue_s = np.zeros(n)  # EMA of observed queueing delay
+        self.last_seen = np.full(n, -math.inf)
+        self.alive = np.zeros(n, dtype=bool)
+        self.draining = np.zeros(n, dtype=bool)
+        # Load: from heartbeats, plus what we assigned since
+        self.hb_running = np.zeros(n)
+        self.hb_waiting = np.zeros(n)
+        self.hb_kv_used = np.zeros(n)  # tokens
+        self.n_active = np.zeros(n)  # tracked requests (ours) not finished
+        self.rem_tokens = np.zeros(n)  # sum of predicted remaining output tokens
+        self.pending_prefill = np.zeros(n)  # prompt tokens not yet prefilled
+        self.ctx_tokens = np.zeros(n)  # KV tokens the tracked requests will hold
+        self.q_cache = np.zeros(n)  # request-independent queueing delay (see _refresh)
+        self.d_cache = np.zeros(n)  # TPOT with one more request in the batch
+        self.min_slack = np.full(n, math.inf)  # smallest slack among tracked requests
+        self.rem_at_min = np.zeros(n)  # remaining tokens of that request
+
+    # ---------------------------------------------------------------- membership
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    @property
+    def ids(self) -> list[str]:
+        return [i.instance_id for i in self.infos]
+
+    def add_instance(
+        self,
+        instance_id: str,
+        *,
+        gpu: str,
+        model: str = "llama-2-7b",
+        max_batch: int = 256,
+        now: float = 0.0,
+        alive: bool | None = None,
+        perf: PerfModel | None = None,
+    ) -> int:
+        """Register an instance, seeding its estimates from the performance model."""
+        if instance_id in self.index:
+            return self.index[instance_id]
+        perf = perf or perf_model_for(gpu, model)
+        slot = len(self.infos)
+        self.infos.append(InstanceInfo(instance_id, gpu, model, perf))
+        self.index[instance_id] = slot
+        b1 = perf.decode_step_time(1, _FIT_CONTEXT)
+        b64 = perf.decode_step_time(64, 64 * _FIT_CONTEXT)
+        d1 = max((b64 - b1) / 63.0, 0.0)
+        d0 = max(b1 - d1, 1e-6)
+        p_small = perf.prefill_time(64)
+        p_big = perf.prefill_time(2048)
+        pf = max((p_big - p_small) / (2048 - 64), 1e-9)
+        pb = max(p_small - pf * 64, 0.0)
+        kv_tokens = float(perf.kv_capacity_tokens())
+        is_alive = (not self.require_heartbeat) if alive is None else alive
+
+        def grow(arr: np.ndarray, value: float | bool) -> np.ndarray:
+            return np.append(arr, np.asarray([value], dtype=arr.dtype))
+
+        self.speed = grow(self.speed, 1.0 / b1)
+        self.max_batch = grow(self.max_batch, float(max_batch))
+        self.kv_total = grow(self.kv_total, kv_tokens)
+        self.d0 = grow(self.d0, d0)
+        self.d1 = grow(self.d1, d1)
+        self.pf = grow(self.pf, pf)
+        self.pb = grow(self.pb, pb)
+        self.tpot_corr = grow(self.tpot_corr, 1.0)
+        self.tpot_corr_base = grow(self.tpot_corr_base, 1.0)
+        self.prefill_corr = grow(self.prefill_corr, 1.0)
+        self.finish_corr = grow(self.finish_corr, 1.0)
+        self.queue_s = grow(self.queue_s, 0.0)
+        self.last_seen = grow(self.last_seen, now if is_alive else -math.inf)
+        self.alive = grow(self.alive, is_alive)
+        self.draining = grow(self.draining, False)
+        for name in (
+            "hb_running",
+            "hb_waiting",
+            "hb_kv_used",
+            "n_active",
+            "rem_tokens",
+            "pending_prefill",
+            "rem_at_min",
+            "ctx_tokens",
+        ):
+            setattr(self, name, grow(getattr(self, name), 0.0))
+        self.min_slack = grow(self.min_slack, math.inf)
+        self.q_cache = grow(self.q_cache, 0.0)
+        self.d_cache = grow(self.d_cache, 0.0)
+        self._refresh(slot)
+        return slot
+
+    def slot(self, instance_id: str) -> int:
+        """Slot of a known instance; KeyError for an unknown one."""
+        return self.index[instance_id]
+
+    # ---------------------------------------------------------------- model
+    def tpot(self, batch: np.ndarray | float) -> np.ndarray:
+        """Estimated time per output token of every instance at the given batch size."""
+        return (self.d0 + self.d1 * batch) * self.tpot_corr
+
+    def prefill(self, tokens: np.ndarray | float) -> np.ndarray:
+        return (self.pb + self.pf * tokens) * self.prefill_corr
+
+    def active(self) -> np.ndarray:
+        """Requests on each instance: heartbeat counts or our own tracking, whichever is larger."""
+        return np.maximum(self.n_active, self.hb_running + self.hb_waiting)
+
+    def batch_limit(self) -> np.ndarray:
+        """How many requests run at once: max_batch, or fewer when their KV fills the cache."""
+        mean_ctx = np.where(
+            self.n_active > 0, self.ctx_tokens / np.maximum(self.n_active, 1.0), 1024.0
+        )
+        return np.clip(self.kv_total / np.maximum(mean_ctx, 1.0), 1.0, self.max_batch)
+
+    def queue_delay(self, batch_after: np.ndarray, limit: np.ndarray | None = None) -> np.ndarray:
+        """Time before a new request gets a batch slot: observed EMA plus the overflow work."""
+        lim = self.batch_limit() if limit is None else limit
+        over = np.maximum(batch_after - lim, 0.0)
+        mean_rem = self.rem_tokens / np.maximum(self.n_active, 1.0)
+        wait_slots = over / lim * mean_rem * self.tpot(lim)
+        return (
+            self.queue_s
+            + wait_slots
+            + self.prefill(self.pending_prefill)
+            - self.pb * (self.pending_prefill > 0)
+        )
+
+    def estimate(
+        self, input_tokens: float, output_tokens: float, cached: np.ndarray | float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(queue, prefill, tpot, finish) in seconds for a new request on every instance.
+
+        Queueing and TPOT do not depend on the request: they are kept per instance and
+        refreshed (scalar math) whenever that instance's state changes, so a decision
+        costs a few vector operations however large the fleet.
+        """
+        q, d = self.q_cache, self.d_cache
+        p = self.prefill(np.maximum(input_tokens - cached, 1.0))
+        return q, p, d, (q + p + d * output_tokens) * self.finish_corr
+
+    def _refresh(self, i: int) -> None:
+        """Recompute the request-independent queueing delay and TPOT of one instance."""
+        n = float(self.n_active[i])
+        active = max(n, float(self.hb_running[i] + self.hb_waiting[i]))
+        mean_ctx = float(self.ctx_tokens[i]) / n if n > 0 else 1024.0
+        lim = min(max(float(self.kv_total[i]) / max(mean_ctx, 1.0), 1.0), float(self.max_batch[i]))
+        after = active + 1.0
+        d0, d1, tc = float(self.d0[i]), float(self.d1[i]), float(self.tpot_corr[i])
+        wait = (
+            max(after - lim, 0.0)
+            / lim
+            * (float(self.rem_tokens[i]) / max(n, 1.0))
+            * ((d0 + d1 * lim) * tc)
+        )
+        pend = float(self.pending_prefill[i])
+        pb = float(self.pb[i])
+        pre = (pb + float(self.pf[i]) * pend) * float(self.prefill_corr[i]) - (
+            pb if pend > 0 else 0.0
+        )
+        self.q_cache[i] = float(self.queue_s[i]) + wait + pre
+        self.d_cache[i] = (d0 + d1 * min(after, lim)) * tc
+
+    def refresh_all(self) -> None:
+        for i in range(len(self.infos)):
+            self._refresh(i)
+
+    def usable(self, now: float) -> np.ndarray:
+        """Instances that may take work: alive, heartbeat fresh, not draining."""
+        fresh = (now - self.last_seen) <= self.stale_after_s
+        if not self.require_heartbeat:
+            fresh = fresh | ~np.isfinite(self.last_seen) & self.alive
+        return self.alive & fresh & ~self.draining
+
+    def slowdown(self) -> np.ndarray:
+        """Current TPOT correction over its long-run level: > 1 when an instance slowed down."""
+        return self.tpot_corr / np.maximum(self.tpot_corr_base, 1e-9)
+
+    def kv_frac(self) -> np.ndarray:
+        return np.minimum(self.hb_kv_used / np.maximum(self.kv_total, 1.0), 1.0)
+
+    # ---------------------------------------------------------------- updates
+    def on_assign(
+        self,
+        instance_id: str,
+        *,
+        request_id: str,
+        input_tokens: int,
+        planned_tokens: float,
+        deadline: float,
+        now: float,
+        p50: float = 0.0,
+        p90: float = 0.0,
+        generated: int = 0,
+        cached_tokens: int = 0,
+        est_fixed_s: float = 0.0,
+        est_tpot_s: float = 0.0,
+    ) -> None:
+        """A request was sent to an instance: count its work there at once."""
+        i = self.index[instance_id]
+        old = self.requests.get(request_id)
+        if old is not None:
+            self._forget(old)
+        tr = TrackedRequest(
+            request_id,
+            i,
+            input_tokens,
+            planned_tokens,
+            deadline,
+            now,
+            generated=generated,
+            p50=p50,
+            p90=p90,
+            cached_tokens=cached_tokens,
+            ctx=float(input_tokens + max(planned_tokens, generated)),
+            est_fixed_s=est_fixed_s,
+            est_tpot_s=est_tpot_s,
+        )
+        self.requests[request_id] = tr
+        self.infos[i].requests[request_id] = tr
+        self.n_active[i] += 1
+        self.ctx_tokens[i] += tr.ctx
+        self.rem_tokens[i] += max(planned_tokens - generated, 1.0)
+        self.pending_prefill[i] += max(input_tokens + generated - cached_tokens, 0)
+        self.hb_kv_used[i] += input_tokens + generated
+        slack = self._slack(tr, i, now)
+        if slack < self.min_slack[i]:
+            self.min_slack[i] = slack
+            self.rem_at_min[i] = max(planned_tokens - generated, 1.0)
+        self._refresh(i)
+
+    def _slack(self, tr: TrackedRequest, i: int, now: float) -> float:
+        """Deadline minus estimated finish of a tracked request (scalar math: hot path)."""
+        rem = max(tr.planned_tokens - tr.generated, 1.0)
+        active = max(self.n_active[i], self.hb_running[i] + self.hb_waiting[i])
+        mean_ctx = self.ctx_tokens[i] / self.n_active[i] if self.n_active[i] > 0 else 1024.0
+        batch = min(active, self.max_batch[i], max(self.kv_total[i] / max(mean_ctx, 1.0), 1.0))
+        t = (self.d0[i] + self.d1[i] * batch) * self.tpot_corr[i] * rem
+        if not tr.started:
+            t += (self.pb[i] + self.pf[i] * tr.input_tokens) * self.prefill_corr[i]
+        return float(tr.deadline - now - t)
+
+    def _forget(self, tr: TrackedRequest) -> None:
+        i = tr.slot
+        self.infos[i].requests.pop(tr.request_id, None)
+        self.requests.pop(tr.request_id, None)
+        self.n_active[i] = max(self.n_active[i] - 1, 0.0)
+        self.ctx_tokens[i] = max(self.ctx_tokens[i] - tr.ctx, 0.0) if self.n_active[i] else 0.0
+        self.rem_tokens[i] = max(
+            self.rem_tokens[i] - max(tr.planned_tokens - tr.generated, 1.0), 0.0
+        )
+        if not tr.started:
+            self.pending_prefill[i] = max(
+                self.pending_prefill[i] - max(tr.input_tokens + tr.generated - tr.cached_tokens, 0),
+                0.0,
+            )
+        self._refresh(i)
+
+    def on_first_token(
+        self,
+        request_id: str,
+        *,
+        now: float,
+        queue_s: float | None = None,
+        prefill_s: float | None = None,
+    ) -> None:
+        """Prefill finished: move the prompt from pending prefill to running work; learn q and p."""
+        tr = self.requests.get(request_id)
+        if tr is None or tr.started:
+            return
+        i = tr.slot
+        tr.started = True
+        self.pending_prefill[i] = max(
+            self.pending_prefill[i] - max(tr.input_tokens + tr.generated - tr.cached_tokens, 0), 0.0
+        )
+        a = self.alpha
+        if prefill_s is not None and prefill_s > 0:
+            model = float(self.pb[i] + self.pf[i] * max(tr.input_tokens - tr.cached_tokens, 1))
+            self.prefill_corr[i] = (1 - a) * self.prefill_corr[i] + a * _clip(prefill_s / model)
+        if queue_s is not None:
+            self.queue_s[i] = (1 - a) * self.queue_s[i] + a * max(queue_s, 0.0)
+        self._refresh(i)
+
+    def on_finish(
+        self,
+        request_id: str,
+        *,
+        now: float,
+        output_tokens: int | None = None,
+        decode_s: float | None = None,
+    ) -> TrackedRequest | None:
+        """A request ended (finished, aborted or moved away): drop its work; learn TPOT."""
+        tr = self.requests.get(request_id)
+        if tr is None:
+            return None
+        i = tr.slot
+        if decode_s is not None and output_tokens and output_tokens > 1:
+            observed = decode_s / (output_tokens - 1)
+            batch = max(min(float(self.active()[i]), float(self.max_batch[i])), 1.0)
+            model = float(self.d0[i] + self.d1[i] * batch)
+            self.tpot_corr[i] = (1 - self.alpha) * self.tpot_corr[i] + self.alpha * _clip(
+                observed / model
+            )
+        self._forget(tr)
+        return tr
+
+    def on_heartbeat(self, hb: Heartbeat, *, now: float | None = None) -> None:
+        """Refresh an instance from its heartbeat (unknown instances are registered)."""
+        if hb.instance_id not in self.index:
+            self.add_instance(
+                hb.instance_id, gpu=hb.gpu, model=hb.model, max_batch=hb.max_batch or 256, now=hb.at
+            )
+        i = self.index[hb.instance_id]
+        t = hb.at if now is None else now
+        self.last_seen[i] = t
+        self.alive[i] = True
+        self.draining[i] = hb.draining
+        self.hb_running[i] = hb.running
+        self.hb_waiting[i] = hb.waiting
+        if hb.max_batch:
+            self.max_batch[i] = hb.max_batch
+        if hb.kv_total_blocks:
+            self.kv_total[i] = hb.kv_total_blocks * hb.kv_block_size
+            self.hb_kv_used[i] = hb.kv_used_blocks * hb.kv_block_size
+        if hb.tpot_s > 0 and hb.running > 0:
+            batch = min(float(hb.running), float(self.max_batch[i]))
+            model = float(self.d0[i] + self.d1[i] * batch)
+            self.tpot_corr[i] = (1 - self.alpha) * self.tpot_corr[i] + self.alpha * _clip(
+                hb.tpot_s / model
+            )
+            self.tpot_corr_base[i] = 0.995 * self.tpot_corr_base[i] + 0.005 * self.tpot_corr[i]
+        # progress of tracked requests -> remaining work and the tightest slack
+        info = self.infos[i]
+        rem = 0.0
+        min_slack = math.inf
+        rem_at_min = 0.0
+        seen = {p.request_id: p for p in hb.requests}
+        for tr in info.requests.values():
+            p = seen.get(tr.request_id)
+            if p is not None:
+                if p.generated > tr.generated:
+                    tr.generated = p.generated
+                if p.state == "running" and not tr.started and p.generated > 0:
+                    tr.started = True
+                    self.pending_prefill[i] = max(
+                        self.pending_prefill[i]
+                        - max(tr.input_tokens + tr.generated - tr.cached_tokens, 0),
+                        0.0,
+                    )
+                if tr.generated >= tr.planned_tokens:
+                    # ran past the plan: plan on the conditional remainder
+                    tr.planned_tokens = tr.generated + max(0.25 * tr.planned_tokens, 16.0)
+            r = max(tr.planned_tokens - tr.generated, 1.0)
+            rem += r
+            s = self._slack(tr, i, t)
+            if s < min_slack:
+                min_slack, rem_at_min = s, r
+        self.rem_tokens[i] = rem
+        self.min_slack[i] = min_slack
+        self.rem_at_min[i] = rem_at_min
+        self._refresh(i)
+
+    def mark_dead(self, instance_id: str) -> list[TrackedRequest]:
+        """Exclude an instance (missing heartbeats); returns the requests that were on it."""
+        i = self.index[instance_id]
+        self.alive[i] = False
+        return list(self.infos[i].requests.values())
+
+    def expire(self, now: float) -> list[str]:
+        """Instances whose heartbeats stopped: marked not alive; returns their ids."""
+        stale = (
+            self.alive & np.isfinite(self.last_seen) & (now - self.last_seen > self.stale_after_s)
+        )
+        out = []
+        for i in np.flatnonzero(stale):
+            self.alive[i] = False
+            out.append(self.infos[i].instance_id)
+        return out
+
+    # ---------------------------------------------------------------- audit
+    def views(self, now: float) -> list[InstanceView]:
+        """The state a decision saw, one record per instance (for the audit log and replay)."""
+        usable = self.usable(now)
+        cols = {
+            name: getattr(self, name).tolist()
+            for name in (
+                "hb_running",
+                "hb_waiting",
+                "max_batch",
+                "hb_kv_used",
+                "kv_total",
+                "queue_s",
+                "pb",
+                "pf",
+                "prefill_corr",
+                "d0",
+                "d1",
+                "tpot_corr",
+                "speed",
+                "n_active",
+                "rem_tokens",
+                "pending_prefill",
+                "min_slack",
+                "rem_at_min",
+                "ctx_tokens",
+                "finish_corr",
+            )
+        }
+        out = []
+        for i, info in enumerate(self.infos):
+            ms = cols["min_slack"][i]
+            out.append(
+                InstanceView(
+                    instance_id=info.instance_id,
+                    gpu=info.gpu,
+                    model=info.model,
+                    alive=bool(usable[i]),
+                    running=int(cols["hb_running"][i]),
+                    waiting=int(cols["hb_waiting"][i]),
+                    max_batch=int(cols["max_batch"][i]),
+                    kv_used_tokens=cols["hb_kv_used"][i],
+                    kv_total_tokens=cols["kv_total"][i],
+                    queue_s=cols["queue_s"][i],
+                    prefill_base_s=cols["pb"][i],
+                    prefill_s_per_token=cols["pf"][i],
+                    prefill_corr=cols["prefill_corr"][i],
+                    tpot_base_s=cols["d0"][i],
+                    tpot_slope_s=cols["d1"][i],
+                    tpot_corr=cols["tpot_corr"][i],
+                    speed=cols["speed"][i],
+                    outstanding=int(cols["n_active"][i]),
+                    rem_tokens=cols["rem_tokens"][i],
+                    pending_prefill_tokens=cols["pending_prefill"][i],
+                    min_slack_s=ms if math.isfinite(ms) else None,
+                    rem_at_min=cols["rem_at_min"][i],
+                    ctx_tokens=cols["ctx_tokens"][i],
+                    finish_corr=cols["finish_corr"][i],
+                )
+            )
+        return out
+
+    @classmethod
+    def from_views(cls, views: list[InstanceView]) -> FleetEstimator:
+        """Rebuild the arrays a decision saw from its audit record (replay)."""
+        est = cls(require_heartbeat=False)
+        n = len(views)
+        for v in views:
+            est.index[v.instance_id] = len(est.infos)
+            est.infos.append(InstanceInfo(v.instance_id, v.gpu, v.model, None))  # type: ignore[arg-type]
+
+        def col(f: str) -> np.ndarray:
+            return np.array([float(getattr(v, f)) for v in views], dtype=float)
+
+        est.alive = np.array([v.alive for v in views], dtype=bool)
+        est.last_seen = np.full(n, -math.inf)
+        est.draining = np.zeros(n, dtype=bool)
+        est.hb_running = col("running")
+        est.hb_waiting = col("waiting")
+        est.max_batch = col("max_batch")
+        est.hb_kv_used = col("kv_used_tokens")
+        est.kv_total = col("kv_total_tokens")
+        est.queue_s = col("queue_s")
+        est.pb = col("prefill_base_s")
+        est.pf = col("prefill_s_per_token")
+        est.prefill_corr = col("prefill_corr")
+        est.d0 = col("tpot_base_s")
+        est.d1 = col("tpot_slope_s")
+        est.tpot_corr = col("tpot_corr")
+        est.speed = col("speed")
+        est.n_active = col("outstanding")
+        est.rem_tokens = col("rem_tokens")
+        est.pending_prefill = col("pending_prefill_tokens")
+        est.min_slack = np.array(
+            [math.inf if v.min_slack_s is None else v.min_slack_s for v in views], dtype=float
+        )
+        est.rem_at_min = col("rem_at_min")
+        est.ctx_tokens = col("ctx_tokens")
+        est.finish_corr = col("finish_corr")
+        est.q_cache = np.zeros(n)
+        est.d_cache = np.zeros(n)
+        est.refresh_all()
+        return est
+
+
+def _clip(ratio: float, lo: float = 0.05, hi: float = 20.0) -> float:
+    """Keep one odd observation from wrecking an estimate."""
+    if not math.isfinite(ratio):
+        return 1.0
+    return min(max(ratio, lo), hi)

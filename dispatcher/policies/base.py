@@ -1,0 +1,241 @@
+"""Plugin framework of routing, after llm-d's scheduler: filters, scorers, a picker.
+
+A decision runs the filters (each narrows a boolean mask of candidate instances),
+then the weighted scorers (each returns one score in [0, 1] per instance), then the
+picker (chooses one instance; ties broken at random by a per-decision seeded RNG).
+A policy whose filters leave no candidate hands the decision to its fallback policy.
+All vectorized over instances with numpy: pure CPU, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from goodserve.dispatcher.estimator import FleetEstimator
+
+PolicyConfig = dict[str, Any]
+
+
+@dataclass(slots=True)
+class RouteContext:
+    """Everything one decision looks at. Built by the router, read by the plugins."""
+
+    est: FleetEstimator
+    now: float
+    input_tokens: int
+    planned_tokens: float
+    deadline_in: float
+    """Seconds left until the deadline (may be inf)."""
+    model: str
+    seed: int
+    """Seed of this decision's tie-breaking RNG (recorded for replay)."""
+    p50: float = 0.0
+    p90: float = 0.0
+    p99: float = 0.0
+    max_tokens: int = 0
+    """Cap on the planned length (0: no cap)."""
+    quantile: str = ""
+    """Which predicted quantile ``planned_tokens`` is ('' = set by the caller)."""
+    workflow_id: str | None = None
+    priority: int = 0
+    cached: np.ndarray | float = 0.0
+    """Prompt tokens likely cached on each instance (prefix index), or 0."""
+    sticky: int | None = None
+    """Slot this request's workflow last went to (session affinity), if any."""
+    config: PolicyConfig = field(default_factory=dict)
+    _estimates: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    _rng: random.Random | None = None
+
+    @property
+    def rng(self) -> random.Random:
+        """The decision's RNG, made on first use (most decisions have no ties)."""
+        if self._rng is None:
+            self._rng = random.Random(self.seed)
+        return self._rng
+
+    @property
+    def n(self) -> int:
+        return len(self.est)
+
+    def set_plan(self, quantile: str) -> None:
+        """Plan on another quantile of the predicted length (p50 | p90 | p99)."""
+        if not quantile or quantile == self.quantile:
+            return
+        planned = {"p50": self.p50, "p90": self.p90, "p99": self.p99 or self.p90}[quantile]
+        if self.max_tokens:
+            planned = min(planned, float(self.max_tokens))
+        self.planned_tokens = max(planned, 1.0)
+        self.quantile = quantile
+        self._estimates = None
+
+    def estimates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(queue, prefill, tpot, finish) per instance, computed once per decision."""
+        if self._estimates is None:
+            self._estimates = self.est.estimate(self.input_tokens, self.planned_tokens, self.cached)
+        return self._estimates
+
+    @property
+    def finish(self) -> np.ndarray:
+        return self.estimates()[3]
+
+    @property
+    def slack(self) -> np.ndarray:
+        return self.deadline_in - self.finish
+
+
+class Filter(Protocol):
+    name: str
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray: ...
+
+
+class Scorer(Protocol):
+    name: str
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray: ...
+
+
+class Picker(Protocol):
+    name: str
+
+    def pick(self, ctx: RouteContext, scores: np.ndarray, mask: np.ndarray) -> int: ...
+
+    def state(self) -> dict[str, int]: ...
+
+    def set_state(self, state: dict[str, int]) -> None: ...
+
+
+_FILTERS: dict[str, Callable[[PolicyConfig], Filter]] = {}
+_SCORERS: dict[str, Callable[[PolicyConfig], Scorer]] = {}
+_PICKERS: dict[str, Callable[[PolicyConfig], Picker]] = {}
+
+
+def register_filter(name: str) -> Callable[[Callable[[PolicyConfig], Filter]], Any]:
+    def deco(factory: Callable[[PolicyConfig], Filter]) -> Any:
+        _FILTERS[name] = factory
+        return factory
+
+    return deco
+
+
+def register_scorer(name: str) -> Callable[[Callable[[PolicyConfig], Scorer]], Any]:
+    def deco(factory: Callable[[PolicyConfig], Scorer]) -> Any:
+        _SCORERS[name] = factory
+        return factory
+
+    return deco
+
+
+def register_picker(name: str) -> Callable[[Callable[[PolicyConfig], Picker]], Any]:
+    def deco(factory: Callable[[PolicyConfig], Picker]) -> Any:
+        _PICKERS[name] = factory
+        return factory
+
+    return deco
+
+
+def make_filter(name: str, config: PolicyConfig) -> Filter:
+    return _FILTERS[name](config)
+
+
+def make_scorer(name: str, config: PolicyConfig) -> Scorer:
+    return _SCORERS[name](config)
+
+
+def make_picker(name: str, config: PolicyConfig) -> Picker:
+    return _PICKERS[name](config)
+
+
+def normalize_low_is_good(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Map values to [0, 1] over the candidates, 1 for the lowest (llm-d's scorer range)."""
+    cand = values[mask]
+    if cand.size == 0:
+        return np.zeros_like(values)
+    lo, hi = cand.min(), cand.max()
+    span = hi - lo
+    if not math.isfinite(span) or span <= 0:
+        return np.where(mask, 1.0, 0.0)
+    return np.where(mask, (hi - values) / span, 0.0)
+
+
+def argmax_random_ties(scores: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
+    """Index of the best-scoring candidate; equal best scores are broken at random."""
+    s = np.where(mask, scores, -np.inf)
+    best = s.max()
+    ties = np.flatnonzero(s >= best - 1e-12)
+    if len(ties) == 1:
+        return int(ties[0])
+    return int(ties[rng.randrange(len(ties))])
+
+
+def argmax_seeded_ties(scores: np.ndarray, mask: np.ndarray, seed: int) -> int:
+    """Like argmax_random_ties, the tie drawn from the decision's hashed seed (no RNG object)."""
+    s = np.where(mask, scores, -np.inf)
+    ties = np.flatnonzero(s >= s.max() - 1e-12)
+    return int(ties[0]) if len(ties) == 1 else int(ties[seed % len(ties)])
+
+
+@dataclass(slots=True)
+class PolicySpec:
+    """A named policy: plugins by name, weights and settings (what the audit log records)."""
+
+    name: str
+    filters: list[str]
+    scorers: list[tuple[str, float]]
+    picker: str
+    fallback: str | None = None
+    config: PolicyConfig = field(default_factory=dict)
+    migrate: bool = False
+    """Whether the risk monitor may migrate requests placed by this policy."""
+    version: str = "1"
+
+
+class Policy:
+    """An instantiated PolicySpec: run filters, scorers and the picker on a context."""
+
+    def __init__(self, spec: PolicySpec, *, fallback: Policy | None = None) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.version = f"{spec.name}/{spec.version}"
+        self.config = dict(spec.config)
+        self.filters = [make_filter(f, self.config) for f in spec.filters]
+        self.scorers = [(make_scorer(s, self.config), w) for s, w in spec.scorers]
+        self.picker = make_picker(spec.picker, self.config)
+        self.fallback = fallback
+        self.migrate = spec.migrate
+
+    def select(self, ctx: RouteContext) -> tuple[int | None, np.ndarray, np.ndarray, str]:
+        """Choose an instance: (slot or None, eligible mask, scores, how it was chosen)."""
+        ctx.config = self.config
+        ctx.set_plan(str(self.config.get("plan_quantile", "")))
+        mask = np.ones(ctx.n, dtype=bool)
+        for f in self.filters:
+            mask = f(ctx, mask)
+            if not mask.any():
+                if self.fallback is not None:
+                    slot, fmask, scores, how = self.fallback.select(ctx)
+                    return slot, fmask, scores, f"{self.name}: {f.name} left none; {how}"
+                return None, mask, np.zeros(ctx.n), f"{self.name}: rejected, {f.name} left none"
+        scores = np.zeros(ctx.n)
+        for scorer, w in self.scorers:
+            scores = scores + w * scorer(ctx, mask)
+        slot = self.picker.pick(ctx, scores, mask)
+        return slot, mask, scores, f"{self.name}: {self.spec.picker}"
+
+    def state(self) -> dict[str, int]:
+        st = self.picker.state()
+        if self.fallback is not None:
+            st.update({f"fallback.{k}": v for k, v in self.fallback.state().items()})
+        return st
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.picker.set_state({k: v for k, v in state.items() if not k.startswith("fallback.")})
+        if self.fallback is not None:
+            self.fallback.set_state(
+                {k[len("fallback.") :]: v for k, v in state.items() if k.startswith("fallback.")}
+            )

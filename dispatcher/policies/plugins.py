@@ -1,0 +1,378 @@
+"""The built-in filters, scorers and pickers, each registered by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import (
+    PolicyConfig,
+    RouteContext,
+    Scorer,
+    argmax_seeded_ties,
+    normalize_low_is_good,
+    register_filter,
+    register_picker,
+    register_scorer,
+)
+
+# ------------------------------------------------------------------------- filters
+
+
+@dataclass(slots=True)
+class Usable:
+    """Alive, heartbeat fresh, not draining."""
+
+    name: str = "usable"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        return mask & ctx.est.usable(ctx.now)
+
+
+@dataclass(slots=True)
+class ModelMatch:
+    """Serves the requested model ('default' matches any)."""
+
+    name: str = "model-match"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        if ctx.model in ("default", ""):
+            return mask
+        models = np.array([i.model for i in ctx.est.infos])
+        return mask & ((models == ctx.model) | (models == "default"))
+
+
+@dataclass(slots=True)
+class KvHeadroom:
+    """Room in the KV cache for the prompt plus the planned output."""
+
+    limit: float
+    name: str = "kv-headroom"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        need = ctx.input_tokens + ctx.planned_tokens
+        return mask & (ctx.est.hb_kv_used + need <= ctx.est.kv_total * self.limit)
+
+
+@dataclass(slots=True)
+class MeetsDeadline:
+    """Estimated finish, with a safety margin, before the deadline.
+
+    Margin: finish * (1 + rel) + abs <= time left. The relative part covers the
+    estimator's error; the absolute part covers dispatch and network delays.
+    """
+
+    rel: float
+    abs_s: float
+    name: str = "meets-deadline"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        return mask & (ctx.finish * (1.0 + self.rel) + self.abs_s <= ctx.deadline_in)
+
+
+@dataclass(slots=True)
+class ProtectsResidents:
+    """Adding the request does not push the tightest request already there past its deadline.
+
+    The new request makes every decode step slower by the TPOT slope and stalls the
+    batch for its prefill. Instances whose tightest request is already late are not
+    protected (nothing to save there).
+    """
+
+    name: str = "protects-residents"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        est = ctx.est
+        _, prefill, _, _ = ctx.estimates()
+        delay = est.d1 * est.tpot_corr * np.minimum(est.rem_at_min, ctx.planned_tokens) + prefill
+        ok = (est.min_slack - delay >= 0.0) | (est.min_slack < 0.0)
+        return mask & ok
+
+
+@dataclass(slots=True)
+class WithinReach:
+    """Not hopeless: estimated finish within ``factor`` x the time left.
+
+    Requests beyond reach everywhere are rejected early instead of taking capacity
+    that requests which can still make it need (``on_infeasible="best-effort"``
+    disables this).
+    """
+
+    factor: float
+    min_queue_s: float = 0.05
+    busy_tpot_ratio: float = 1.1
+    """Reject only under load: when every candidate would first queue at least
+    ``min_queue_s`` or runs its batch at ``busy_tpot_ratio`` x its idle TPOT or slower."""
+    name: str = "within-reach"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        if not np.isfinite(self.factor):
+            return mask
+        q, _, d, _ = ctx.estimates()
+        est = ctx.est
+        idle_tpot = (est.d0 + est.d1) * est.tpot_corr
+        busy = (q > self.min_queue_s) | (d > self.busy_tpot_ratio * idle_tpot)
+        if not busy[mask].all():
+            return mask  # some instance has spare capacity: no load to shed, serve it
+        return mask & (ctx.finish <= self.factor * ctx.deadline_in)
+
+
+@register_filter("within-reach")
+def _reach(config: PolicyConfig) -> WithinReach:
+    best_effort = config.get("on_infeasible") == "best-effort"
+    return WithinReach(
+        factor=float("inf") if best_effort else float(config.get("hopeless_factor", 1.1))
+    )
+
+
+@dataclass(slots=True)
+class PrefixMatch:
+    """Instances with at least ``threshold`` of the prompt cached (vLLM router cache-aware)."""
+
+    threshold: float
+    name: str = "prefix-match"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        cached = np.asarray(ctx.cached, dtype=float)
+        if cached.ndim == 0:
+            return mask & False
+        return mask & (cached >= self.threshold * max(ctx.input_tokens, 1))
+
+
+@dataclass(slots=True)
+class SessionSticky:
+    """The instance the workflow's previous call went to, while it is usable."""
+
+    name: str = "session-sticky"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        if ctx.sticky is None or ctx.sticky >= len(mask) or not mask[ctx.sticky]:
+            return mask & False
+        only = np.zeros_like(mask)
+        only[ctx.sticky] = True
+        return only
+
+
+@register_filter("prefix-match")
+def _prefix(config: PolicyConfig) -> PrefixMatch:
+    return PrefixMatch(threshold=float(config.get("prefix_threshold", 0.5)))
+
+
+@register_filter("session-sticky")
+def _sticky(config: PolicyConfig) -> SessionSticky:
+    return SessionSticky()
+
+
+@dataclass(slots=True)
+class NearBest:
+    """Instances whose estimated finish is within ``1 + trust_region`` of the earliest.
+
+    A trust region around earliest-finish: just-enough packs requests onto the slowest
+    instance that still makes the deadline, but the estimates for slow, busy instances
+    are where they are most often wrong (and wrong in the optimistic direction for the
+    one picked). Keeping the pick near the best estimate bounds what an estimation error
+    can cost; ``trust_region = inf`` packs without bound.
+    """
+
+    trust_region: float
+    name: str = "near-best"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        if not np.isfinite(self.trust_region) or not mask.any():
+            return mask
+        f = ctx.finish
+        return mask & (f <= (1.0 + self.trust_region) * f[mask].min())
+
+
+@register_filter("near-best")
+def _near_best(config: PolicyConfig) -> NearBest:
+    return NearBest(trust_region=float(config.get("trust_region", 0.5)))
+
+
+@register_filter("usable")
+def _usable(config: PolicyConfig) -> Usable:
+    return Usable()
+
+
+@register_filter("model-match")
+def _model(config: PolicyConfig) -> ModelMatch:
+    return ModelMatch()
+
+
+@register_filter("kv-headroom")
+def _kv(config: PolicyConfig) -> KvHeadroom:
+    return KvHeadroom(limit=float(config.get("kv_limit", 0.98)))
+
+
+@register_filter("meets-deadline")
+def _meets(config: PolicyConfig) -> MeetsDeadline:
+    return MeetsDeadline(
+        rel=float(config.get("margin_rel", 0.05)), abs_s=float(config.get("margin_abs_s", 0.05))
+    )
+
+
+@register_filter("protects-residents")
+def _protects(config: PolicyConfig) -> ProtectsResidents:
+    return ProtectsResidents()
+
+
+# ------------------------------------------------------------------------- scorers
+
+
+@dataclass(slots=True)
+class JustEnough:
+    """1 for the eligible instance with the least spare slack: keeps fast GPUs for tight work."""
+
+    name: str = "just-enough"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        return normalize_low_is_good(ctx.slack, mask)
+
+
+@dataclass(slots=True)
+class EarliestFinish:
+    """1 for the instance estimated to finish the request first (load- and speed-aware)."""
+
+    name: str = "earliest-finish"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        return normalize_low_is_good(ctx.finish, mask)
+
+
+@dataclass(slots=True)
+class QueueLength:
+    """1 for the instance with the fewest requests (running + waiting)."""
+
+    name: str = "queue"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        return normalize_low_is_good(ctx.est.active(), mask)
+
+
+@dataclass(slots=True)
+class KvUtilization:
+    """1 for the instance with the emptiest KV cache."""
+
+    name: str = "kv-utilization"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        return normalize_low_is_good(ctx.est.kv_frac(), mask)
+
+
+@dataclass(slots=True)
+class PrefixCache:
+    """Share of the prompt likely cached on the instance."""
+
+    name: str = "prefix-cache"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        if not isinstance(ctx.cached, np.ndarray):
+            return np.zeros(ctx.n)  # no prefix information for this request
+        return np.where(mask, ctx.cached / max(ctx.input_tokens, 1), 0.0)
+
+
+@dataclass(slots=True)
+class GpuSpeed:
+    """1 for the fastest GPU (static: ignores load)."""
+
+    name: str = "gpu-speed"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        return normalize_low_is_good(-ctx.est.speed, mask)
+
+
+def _scorer_factory(cls: type[Scorer]) -> Callable[[PolicyConfig], Scorer]:
+    def make(config: PolicyConfig) -> Scorer:
+        return cls()
+
+    return make
+
+
+for _cls in (JustEnough, EarliestFinish, QueueLength, KvUtilization, PrefixCache, GpuSpeed):
+    register_scorer(_cls().name)(_scorer_factory(_cls))
+
+
+# ------------------------------------------------------------------------- pickers
+
+
+class MaxScore:
+    """The highest score; ties at random."""
+
+    name = "max-score"
+
+    def pick(self, ctx: RouteContext, scores: np.ndarray, mask: np.ndarray) -> int:
+        return argmax_seeded_ties(scores, mask, ctx.seed)
+
+    def state(self) -> dict[str, int]:
+        return {}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        pass
+
+
+class RandomPick:
+    """Uniformly at random among the candidates."""
+
+    name = "random"
+
+    def pick(self, ctx: RouteContext, scores: np.ndarray, mask: np.ndarray) -> int:
+        idx = np.flatnonzero(mask)
+        return int(idx[ctx.rng.randrange(len(idx))])
+
+    def state(self) -> dict[str, int]:
+        return {}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        pass
+
+
+class RoundRobin:
+    """The next candidate after the last one chosen."""
+
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self.cursor = -1
+
+    def pick(self, ctx: RouteContext, scores: np.ndarray, mask: np.ndarray) -> int:
+        idx = np.flatnonzero(mask)
+        after = idx[idx > self.cursor]
+        slot = int(after[0]) if len(after) else int(idx[0])
+        self.cursor = slot
+        return slot
+
+    def state(self) -> dict[str, int]:
+        return {"cursor": self.cursor}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.cursor = int(state.get("cursor", -1))
+
+
+class PowerOfTwo:
+    """Two candidates at random; the better-scoring one."""
+
+    name = "power-of-two"
+
+    def pick(self, ctx: RouteContext, scores: np.ndarray, mask: np.ndarray) -> int:
+        idx = np.flatnonzero(mask)
+        if len(idx) == 1:
+            return int(idx[0])
+        a, b = ctx.rng.sample(range(len(idx)), 2)
+        ia, ib = int(idx[a]), int(idx[b])
+        if scores[ia] == scores[ib]:
+            return ia if ctx.rng.random() < 0.5 else ib
+        return ia if scores[ia] > scores[ib] else ib
+
+    def state(self) -> dict[str, int]:
+        return {}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        pass
+
+
+register_picker("max-score")(lambda config: MaxScore())
+register_picker("random")(lambda config: RandomPick())
+register_picker("round-robin")(lambda config: RoundRobin())
+register_picker("power-of-two")(lambda config: PowerOfTwo())

@@ -1,0 +1,177 @@
+"""Named policies: GoodServe's own and the baselines it must beat.
+
+| name | filters | scorers (weight) | picker |
+|---|---|---|---|
+| goodserve | usable, model-match, near-best (within 1.5x of the earliest finish), kv-headroom, meets-deadline, protects-residents (planning on the P90 length) | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
+| goodserve-rescue | usable, model-match, within-reach (planning on the P50 length) | earliest-finish (1), prefix-cache (0.5) | max-score; none left: rejected |
+| goodserve-p50 | as goodserve, planning on the P50 length (for experiments) | just-enough (1) | max-score; fallback goodserve-rescue |
+| goodserve-nomigrate | same as goodserve | just-enough (1) | max-score; never migrates |
+| goodserve-packed | as goodserve without the trust region (packs onto the slowest instance that makes it) | just-enough (1), prefix-cache (2) | max-score; migrates |
+
+GoodServe plans on the P90 length so that requests that run long still make it,
+and among the instances that promise that picks the one with the least spare
+slack (just enough). When no instance can promise it, the request goes where it
+finishes first (the best chance of success: with an uninformative predictor
+GoodServe thus behaves like earliest-finish instead of gambling on slow GPUs),
+unless even there it would take more than ``hopeless_factor`` x the time left on
+its P50 length: then it cannot be met and is rejected early
+(``on_infeasible="reject"``, the default) rather than spending capacity other
+requests need. ``on_infeasible="best-effort"`` never rejects.
+| fastest-first | usable, model-match | earliest-finish (1) | max-score (load-aware earliest estimated finish) |
+| fastest-gpu | usable, model-match, kv-headroom | gpu-speed (1) | max-score (static: fastest GPU with KV room) |
+| least-request | usable, model-match | queue (1) | max-score |
+| least-kv | usable, model-match | kv-utilization (1) | max-score |
+| power-of-two | usable, model-match | queue (1) | power-of-two |
+| round-robin | usable, model-match | - | round-robin |
+| random | usable, model-match | - | random |
+| llm-d | usable, model-match | queue (1), kv-utilization (1), prefix-cache (1) | max-score (llm-d's default scorer weights) |
+| prefix-affinity | usable, model-match, prefix-match (>= 50% of the prompt cached) | prefix-cache (1) | max-score; fallback least-request (vLLM router's cache-aware policy) |
+| session-affinity | usable, model-match, session-sticky | - | max-score; fallback least-request (sticky per workflow) |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import plugins as _plugins  # noqa: F401  (registers the plugins)
+from .base import Policy, PolicySpec
+
+BASIC = ["usable", "model-match"]
+
+GOODSERVE_CONFIG: dict[str, Any] = {
+    "plan_quantile": "p90",
+    "on_infeasible": "reject",
+    "hopeless_factor": 1.1,
+    "trust_region": 0.5,
+    "margin_rel": 0.05,
+    "margin_abs_s": 0.05,
+    "kv_limit": 0.98,
+}
+
+# Just enough, and among those that are, where the prompt is cached (a cache hit saves
+# the prefill compute every other request on that instance would wait for).
+GOODSERVE_SCORERS: list[tuple[str, float]] = [("just-enough", 1.0), ("prefix-cache", 2.0)]
+
+SPECS: dict[str, PolicySpec] = {
+    s.name: s
+    for s in [
+        PolicySpec(
+            "goodserve",
+            [*BASIC, "near-best", "kv-headroom", "meets-deadline", "protects-residents"],
+            GOODSERVE_SCORERS,
+            "max-score",
+            fallback="goodserve-rescue",
+            config=dict(GOODSERVE_CONFIG),
+            migrate=True,
+        ),
+        PolicySpec(
+            "goodserve-p50",
+            [*BASIC, "near-best", "kv-headroom", "meets-deadline", "protects-residents"],
+            GOODSERVE_SCORERS,
+            "max-score",
+            fallback="goodserve-rescue",
+            config={**GOODSERVE_CONFIG, "plan_quantile": "p50"},
+            migrate=True,
+        ),
+        PolicySpec(
+            "goodserve-rescue",
+            [*BASIC, "within-reach"],
+            [("earliest-finish", 1.0), ("prefix-cache", 0.5)],
+            "max-score",
+            fallback=None,
+            config={**GOODSERVE_CONFIG, "plan_quantile": "p50"},
+            migrate=True,
+        ),
+        PolicySpec(
+            "goodserve-packed",
+            [*BASIC, "near-best", "kv-headroom", "meets-deadline", "protects-residents"],
+            GOODSERVE_SCORERS,
+            "max-score",
+            fallback="goodserve-rescue",
+            config={**GOODSERVE_CONFIG, "trust_region": float("inf")},
+            migrate=True,
+        ),
+        PolicySpec(
+            "goodserve-nomigrate",
+            [*BASIC, "near-best", "kv-headroom", "meets-deadline", "protects-residents"],
+            GOODSERVE_SCORERS,
+            "max-score",
+            fallback="goodserve-rescue",
+            config=dict(GOODSERVE_CONFIG),
+        ),
+        PolicySpec("fastest-first", BASIC, [("earliest-finish", 1.0)], "max-score"),
+        PolicySpec(
+            "fastest-gpu",
+            [*BASIC, "kv-headroom"],
+            [("gpu-speed", 1.0)],
+            "max-score",
+            fallback="least-request",
+        ),
+        PolicySpec("least-request", BASIC, [("queue", 1.0)], "max-score"),
+        PolicySpec("least-kv", BASIC, [("kv-utilization", 1.0)], "max-score"),
+        PolicySpec("power-of-two", BASIC, [("queue", 1.0)], "power-of-two"),
+        PolicySpec("round-robin", BASIC, [], "round-robin"),
+        PolicySpec("random", BASIC, [], "random"),
+        PolicySpec(
+            "prefix-affinity",
+            [*BASIC, "prefix-match"],
+            [("prefix-cache", 1.0)],
+            "max-score",
+            fallback="least-request",
+            config={"prefix_threshold": 0.5},
+        ),
+        PolicySpec(
+            "session-affinity",
+            [*BASIC, "session-sticky"],
+            [],
+            "max-score",
+            fallback="least-request",
+        ),
+        PolicySpec(
+            "llm-d",
+            BASIC,
+            [("queue", 1.0), ("kv-utilization", 1.0), ("prefix-cache", 1.0)],
+            "max-score",
+        ),
+    ]
+}
+
+BASELINES = [
+    "round-robin",
+    "random",
+    "least-request",
+    "least-kv",
+    "power-of-two",
+    "fastest-first",
+    "fastest-gpu",
+    "llm-d",
+]
+LOAD_BALANCERS = ["round-robin", "random", "least-request", "least-kv", "power-of-two"]
+
+
+def policy_names() -> list[str]:
+    return sorted(SPECS)
+
+
+def make_policy(name: str, overrides: dict[str, Any] | None = None) -> Policy:
+    """Instantiate a named policy (and its fallback), with config overrides."""
+    if name not in SPECS:
+        raise KeyError(f"unknown policy {name!r}; known: {', '.join(policy_names())}")
+    spec = SPECS[name]
+    overrides = dict(overrides or {})
+    if overrides:
+        spec = PolicySpec(
+            spec.name,
+            list(spec.filters),
+            list(spec.scorers),
+            spec.picker,
+            spec.fallback,
+            {**spec.config, **overrides},
+            spec.migrate,
+            spec.version,
+        )
+    fallback_name = spec.fallback
+    # settings flow down the fallback chain, except which quantile each level plans on
+    down = {k: v for k, v in overrides.items() if k != "plan_quantile"}
+    fallback = make_policy(fallback_name, down) if fallback_name else None
+    return Policy(spec, fallback=fallback)

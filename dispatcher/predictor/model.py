@@ -1,0 +1,564 @@
+"""Output-length predictors: XGBoost quantile model and deterministic baselines.
+
+The XGBoost model predicts log1p(output tokens) at the quantiles 0.5, 0.9, 0.99 (one
+multi-output ``reg:quantileerror`` booster). At load time its trees are compiled into
+padded, complete binary trees held in flat numpy arrays and evaluated level by level over
+all trees at once (``_Forest``), so a single row costs a handful of numpy calls instead of
+an XGBoost C call + DMatrix, and importing xgboost is never needed at run time. Thresholds
+and features are compared in float32, exactly as XGBoost does, so the compiled forest
+chooses the same leaves as the booster.
+
+``predict_features`` is a pure function of (model file, feature rows): replay calls it with
+the recorded features. ``predict`` adds the online state (hint blending and the online
+quantile recalibration learnt by ``observe``) on top; see ``docs/predictor.md``.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import gzip
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import msgspec
+import numpy as np
+from goodserve.dispatcher.predictor import features as F
+
+QUANTILES = (0.5, 0.9, 0.99)
+MODEL_FILE = "model.json.gz"
+"""XGBoost's JSON model format, gzip-compressed (``xgboost`` can load the unzipped JSON)."""
+NGRAM_FILE = "ngram_weights.json.gz"
+META_FILE = "metadata.json"
+_Z90 = NormalDist().inv_cdf(0.9)
+_Z99 = NormalDist().inv_cdf(0.99)
+_ND = NormalDist()
+MIN_LOG_SPREAD = 0.05
+"""Smallest log1p(P90) - log1p(P50) assumed by ``conditional_remaining`` (about 5%)."""
+
+
+class PredictorInput(msgspec.Struct, kw_only=True):
+    """What the router knows about a request before it runs."""
+
+    input_tokens: int
+    task: str = "chat"
+    model: str = "default"
+    prompt: str | None = None
+    workflow_id: str | None = None
+    step: int = 0
+    output_tokens_hint: int | None = None
+
+
+class LengthPrediction(msgspec.Struct, frozen=True):
+    """Predicted output length quantiles, in tokens (p50 <= p90 <= p99)."""
+
+    p50: float
+    p90: float
+    p99: float = 0.0
+
+
+# --------------------------------------------------------------------------------------
+# Distribution helpers
+
+
+def _log_quantile_fn(pred: LengthPrediction) -> tuple[float, float, float, float]:
+    """(a, b, s1, s2): log1p(L) as a piecewise-linear function of the normal score z."""
+    a = math.log1p(max(pred.p50, 0.0))
+    b = max(math.log1p(max(pred.p90, 0.0)), a)
+    p99 = pred.p99 if pred.p99 > 0 else math.expm1(b + (b - a) * (_Z99 - _Z90) / _Z90)
+    c = max(math.log1p(p99), b)
+    b = max(b, a + MIN_LOG_SPREAD)
+    s1 = (b - a) / _Z90
+    s2 = max((c - b) / (_Z99 - _Z90), s1)  # the tail is never thinner than the body
+    return a, b, s1, s2
+
+
+def conditional_remaining(
+    pred: LengthPrediction, generated: int | float, q: float = 0.9
+) -> float:
+    """Remaining-token q-quantile given ``generated`` tokens already produced.
+
+    The predicted distribution is log1p(L) piecewise linear in the normal score through
+    (p50, p90, p99) (a log-normal-like body with its own tail, never thinner than the
+    body, so a request past its P99 still expects more tokens), conditioned on
+    L > generated: the answer is Q(F(g) + q (1 - F(g))) - g. The conditional total
+    g + remaining is non-decreasing in ``generated`` and in ``q``.
+    """
+    q = min(max(q, 0.0), 1.0 - 1e-9)
+    g = max(float(generated), 0.0)
+    a, b, s1, s2 = _log_quantile_fn(pred)
+    y = math.log1p(g)
+    z = (y - a) / s1 if y <= b else _Z90 + (y - b) / s2
+    sf = 0.5 * math.erfc(z / math.sqrt(2.0))
+    target = (1.0 - q) * sf
+    if target > 1e-300:
+        zq = max(-_ND.inv_cdf(min(target, 1.0 - 1e-16)), z)
+    else:  # far in the tail: Mills-ratio asymptote of the normal survival function
+        zq = math.sqrt(max(z, 0.0) ** 2 - 2.0 * math.log(1.0 - q)) if z > 0 else z
+    lq = a + s1 * zq if zq <= _Z90 else b + s2 * (zq - _Z90)
+    return max(math.expm1(lq) - g, 0.0)
+
+
+class _Base(abc.ABC):
+    """Shared behaviour of all predictors (batch, conditional remaining)."""
+
+    version: str = "base"
+
+    @abc.abstractmethod
+    def features(self, x: PredictorInput) -> list[float]:
+        """The feature vector of a request (recorded in decisions for replay)."""
+
+    @abc.abstractmethod
+    def predict_features(self, feats: Sequence[Sequence[float]]) -> list[LengthPrediction]:
+        """Predictions as a pure function of feature vectors."""
+
+    def predict(self, x: PredictorInput) -> LengthPrediction:
+        return _apply_hint(self.predict_features([self.features(x)])[0], x.output_tokens_hint, 1.0)
+
+    def predict_batch(self, xs: Sequence[PredictorInput]) -> list[LengthPrediction]:
+        preds = self.predict_features([self.features(x) for x in xs])
+        return [_apply_hint(p, x.output_tokens_hint, 1.0) for p, x in zip(preds, xs, strict=True)]
+
+    def observe(self, x: PredictorInput, actual_output_tokens: int) -> None:
+        """Baselines learn nothing online."""
+        return None
+
+    def conditional_remaining(
+        self, pred: LengthPrediction, generated: int, q: float = 0.9
+    ) -> float:
+        return conditional_remaining(pred, generated, q)
+
+
+def _apply_hint(pred: LengthPrediction, hint: int | None, weight: float) -> LengthPrediction:
+    """Blend a client's output-length hint into the median, keeping the predicted spread.
+
+    log p50' = w log1p(hint) + (1-w) log1p(p50); p90 and p99 move by the same log shift
+    (so the hint is treated as the client's median and the model's uncertainty is kept).
+    """
+    if hint is None or hint <= 0 or weight <= 0:
+        return pred
+    a = math.log1p(pred.p50)
+    shift = weight * (math.log1p(hint) - a)
+    return LengthPrediction(
+        p50=math.expm1(a + shift),
+        p90=math.expm1(math.log1p(pred.p90) + shift),
+        p99=math.expm1(math.log1p(pred.p99) + shift),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Compiled forest
+
+
+class _Forest:
+    """All trees padded to depth D, stored level-order in flat arrays.
+
+    Node i of tree t lives at ``t * S + i`` (S = 2^(D+1) - 1); its children are adjacent,
+    at ``left[k]`` (x < thr) and ``left[k] + 1`` (x >= thr); padding nodes have thr=+inf
+    (always left). Nodes >= 2^D - 1 are leaves: ``val[:, k]`` is the leaf's contribution
+    to each output (one column per quantile; single-output trees fill their group's row).
+    Trees are summed along a contiguous last axis, so a row's result does not depend on
+    the batch it is evaluated in (replay gets the same bits).
+    """
+
+    def __init__(self, booster_json: dict[str, Any]) -> None:
+        learner = booster_json["learner"]
+        lmp = learner["learner_model_param"]
+        model = learner["gradient_booster"]["model"]
+        trees = model["trees"]
+        info = [int(g) for g in model["tree_info"]]
+        n_out = max(int(lmp.get("num_target", "1") or 1), max(info) + 1 if info else 1)
+        base = lmp["base_score"]
+        base_arr = np.atleast_1d(
+            np.asarray(json.loads(base) if base.startswith("[") else [float(base)], np.float64)
+        )
+        if base_arr.size == 1 and n_out > 1:
+            base_arr = np.repeat(base_arr, n_out)
+        self.base_score = base_arr
+        self.n_out = n_out
+        self.depth = d = max((self._depth(t, 0) for t in trees), default=0)
+        self.n_trees = n = len(trees)
+        size = 2 ** (d + 1) - 1
+        self.size = size
+        feat = np.zeros(n * size, dtype=np.intp)
+        thr = np.full(n * size, np.inf, dtype=np.float32)
+        val = np.zeros((n_out, n * size), dtype=np.float64)
+        for t, tree in enumerate(trees):
+            k = int(tree.get("tree_param", {}).get("size_leaf_vector", "1") or 1)
+            leaf_of: dict[int, list[float]] = {}
+            if k > 1:
+                lw = tree["leaf_weights"]
+                leaves = [i for i, c in enumerate(tree["left_children"]) if c == -1]
+                leaf_of = {node: lw[j * k : (j + 1) * k] for j, node in enumerate(leaves)}
+            self._fill(tree, 0, 0, 0, d, t * size, feat, thr, val, info[t], leaf_of)
+        local = np.arange(n * size, dtype=np.intp) % size
+        self.left = (np.arange(n * size, dtype=np.intp) - local) + np.minimum(
+            2 * local + 1, size - 1
+        )
+        self.feat, self.thr, self.val = feat, thr, val
+        self.roots = np.arange(n, dtype=np.intp) * size
+        self.n_features = int(lmp.get("num_feature", 0))
+
+    @staticmethod
+    def _depth(tree: dict[str, Any], node: int) -> int:
+        left = tree["left_children"][node]
+        if left == -1:
+            return 0
+        right = tree["right_children"][node]
+        return 1 + max(_Forest._depth(tree, left), _Forest._depth(tree, right))
+
+    @staticmethod
+    def _fill(
+        tree: dict[str, Any], node: int, pos: int, level: int, d: int, off: int,
+        feat: np.ndarray, thr: np.ndarray, val: np.ndarray, group: int,
+        leaf_of: dict[int, list[float]],
+    ) -> None:
+        left = tree["left_children"][node]
+        if left == -1:  # leaf: replicate down to depth d (padding nodes always go left)
+            if level == d:
+                if leaf_of:
+                    val[:, off + pos] = leaf_of[node]
+                else:
+                    val[group, off + pos] = tree["split_conditions"][node]
+            else:
+                for child in (2 * pos + 1, 2 * pos + 2):
+                    _Forest._fill(tree, node, child, level + 1, d, off, feat, thr, val, group,
+                                  leaf_of)
+            return
+        if tree.get("split_type") and tree["split_type"][node]:
+            raise ValueError("categorical splits are not supported")
+        feat[off + pos] = tree["split_indices"][node]
+        thr[off + pos] = np.float32(tree["split_conditions"][node])
+        _Forest._fill(tree, left, 2 * pos + 1, level + 1, d, off, feat, thr, val, group,
+                      leaf_of)
+        _Forest._fill(tree, tree["right_children"][node], 2 * pos + 2, level + 1, d, off,
+                      feat, thr, val, group, leaf_of)
+
+    def margin_row(self, row: np.ndarray) -> np.ndarray:
+        """Raw margins of one float32 row, shape (n_out,)."""
+        feat, thr, left = self.feat, self.thr, self.left
+        k = self.roots
+        for _ in range(self.depth):
+            k = left.take(k) + (row.take(feat.take(k)) >= thr.take(k))
+        out: np.ndarray = self.val.take(k, axis=1).sum(axis=-1) + self.base_score
+        return out
+
+    def margin(self, x: np.ndarray) -> np.ndarray:
+        """Raw margins, shape (n_rows, n_out); ``x`` is float32 (n_rows, n_features)."""
+        feat, thr, left = self.feat, self.thr, self.left
+        n_rows, n_feat = x.shape
+        flat = x.reshape(-1)
+        rowoff = (np.arange(n_rows, dtype=np.intp) * n_feat)[:, None]
+        k = np.broadcast_to(self.roots, (n_rows, self.n_trees))
+        for _ in range(self.depth):
+            k = left.take(k) + (flat.take(feat.take(k) + rowoff) >= thr.take(k))
+        # Contiguous (n_out * n_rows, n_trees): the same pairwise sum as ``margin_row``.
+        leaves = np.ascontiguousarray(self.val.take(k, axis=1)).reshape(-1, self.n_trees)
+        out: np.ndarray = leaves.sum(axis=-1).reshape(self.n_out, n_rows).T + self.base_score
+        return out
+
+
+_FORESTS: dict[str, _Forest] = {}
+"""Compiled forests by model version (immutable, shared by predictor instances)."""
+
+
+# --------------------------------------------------------------------------------------
+# The XGBoost predictor
+
+
+class OutputLengthPredictor(_Base):
+    """XGBoost quantile model of the output length (tokens), with online history.
+
+    ``features`` reads the online history (updated by ``observe``); ``predict_features``
+    is pure; ``predict`` = predict_features + hint blending + online calibration.
+    """
+
+    def __init__(
+        self,
+        booster_json: dict[str, Any],
+        meta: dict[str, Any],
+        *,
+        version: str,
+        ngram_weights: np.ndarray | None = None,
+        online_calibration: bool = True,
+        hint_weight: float | None = None,
+    ) -> None:
+        if meta.get("feature_version") != F.FEATURE_VERSION:
+            raise ValueError(
+                f"model feature_version {meta.get('feature_version')} != {F.FEATURE_VERSION}"
+            )
+        self.version = version
+        self.meta = meta
+        forest = _FORESTS.get(version)
+        if forest is None:
+            if len(_FORESTS) >= 8:
+                _FORESTS.clear()
+            forest = _FORESTS[version] = _Forest(booster_json)
+        self._forest = forest
+        if self._forest.n_features and self._forest.n_features != F.N_FEATURES:
+            raise ValueError(f"model has {self._forest.n_features} features, need {F.N_FEATURES}")
+        # Conformal corrections (log1p space) per task bucket, shape (n_tasks, 3).
+        off = np.zeros((len(F.TASKS), len(QUANTILES)), dtype=np.float64)
+        for t, vals in (meta.get("conformal_offsets") or {}).items():
+            if t in F.TASK_INDEX:
+                off[F.TASK_INDEX[t]] = vals
+        self._task_offsets = off
+        self.history = F.History()
+        self.featurizer = F.Featurizer(ngram_weights)
+        self.online_calibration = online_calibration
+        self.hint_weight = float(meta.get("hint_weight", 1.0) if hint_weight is None
+                                 else hint_weight)
+        self.calib_rate = 0.02
+        self._calib: dict[str, float] = {}  # per task bucket: extra log1p shift of p90/p99
+        self._last: tuple[PredictorInput, list[float]] | None = None
+
+    # -- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs: Any) -> OutputLengthPredictor:
+        """Load a model directory (model.json.gz, ngram_weights.json.gz, metadata.json)."""
+        booster_json, meta, weights, version = _read_dir(Path(path))
+        return cls(booster_json, meta, version=version, ngram_weights=weights, **kwargs)
+
+    @classmethod
+    def default(cls) -> OutputLengthPredictor:
+        """The shipped model (goodserve/data/predictor), parsed once per process.
+
+        Each call returns a fresh predictor object (own online state) sharing the
+        parsed model; use one instance per router.
+        """
+        booster_json, meta, weights, version = _shipped()
+        return cls(booster_json, meta, version=version, ngram_weights=weights)
+
+    # -- features and prediction ---------------------------------------------------------
+
+    def features(self, x: PredictorInput) -> list[float]:
+        f = self.featurizer.extract(
+            input_tokens=x.input_tokens,
+            task=x.task,
+            model=x.model,
+            prompt=x.prompt,
+            step=x.step,
+            history=self.history.features(x.task, x.workflow_id, x.step, x.model, x.prompt),
+        )
+        self._last = (x, f)
+        return f
+
+    def _features_of(self, x: PredictorInput) -> list[float]:
+        """``features(x)``, reusing the vector just computed for this same input object.
+
+        The router calls ``features(x)`` (to record) then ``predict(x)``: the second
+        extraction is skipped. ``observe``/``reset`` invalidate it (history moved).
+        """
+        last = self._last
+        if last is not None and last[0] is x:
+            return last[1]
+        return self.features(x)
+
+    def predict_features(self, feats: Sequence[Sequence[float]]) -> list[LengthPrediction]:
+        n = len(feats)
+        if n == 0:
+            return []
+        t0, t1 = F.TASK_OFFSET, F.TASK_OFFSET + len(F.TASKS)
+        if n == 1:  # fast path; same arithmetic as the batch path, so the same bits
+            row = np.array(feats[0], dtype=np.float32)
+            if row.shape != (F.N_FEATURES,):
+                raise ValueError(f"expected {F.N_FEATURES} features, got shape {row.shape}")
+            onehot = list(feats[0][t0:t1])
+            task = onehot.index(1.0) if 1.0 in onehot else len(F.TASKS) - 1
+            margins = [(self._forest.margin_row(row) + self._task_offsets[task]).tolist()]
+        else:
+            x = np.asarray(feats, dtype=np.float32)
+            if x.ndim != 2 or x.shape[1] != F.N_FEATURES:
+                raise ValueError(f"expected rows of {F.N_FEATURES} features, got {x.shape}")
+            oh = x[:, t0:t1]
+            tasks = np.where(oh.max(axis=1) == 1.0, oh.argmax(axis=1), len(F.TASKS) - 1)
+            margins = (self._forest.margin(x) + self._task_offsets[tasks]).tolist()
+        out = []
+        expm1 = math.expm1
+        for a, b, c in margins:
+            a = max(a, 0.0)
+            b = max(b, a)
+            c = max(c, b)
+            out.append(LengthPrediction(expm1(a), expm1(b), expm1(c)))
+        return out
+
+    def _post(self, pred: LengthPrediction, x: PredictorInput) -> LengthPrediction:
+        shift = self._calib.get(F.task_bucket(x.task), 0.0) if self.online_calibration else 0.0
+        if shift:
+            pred = LengthPrediction(
+                p50=pred.p50,
+                p90=max(math.expm1(math.log1p(pred.p90) + shift), pred.p50),
+                p99=max(math.expm1(math.log1p(pred.p99) + shift), pred.p50),
+            )
+            if pred.p99 < pred.p90:
+                pred = LengthPrediction(pred.p50, pred.p90, pred.p90)
+        return _apply_hint(pred, x.output_tokens_hint, self.hint_weight)
+
+    def predict(self, x: PredictorInput) -> LengthPrediction:
+        return self._post(self.predict_features([self._features_of(x)])[0], x)
+
+    def predict_batch(self, xs: Sequence[PredictorInput]) -> list[LengthPrediction]:
+        preds = self.predict_features([self.features(x) for x in xs])
+        return [self._post(p, x) for p, x in zip(preds, xs, strict=True)]
+
+    # -- online learning -----------------------------------------------------------------
+
+    def observe(
+        self,
+        x: PredictorInput,
+        actual_output_tokens: int,
+        *,
+        prediction: LengthPrediction | None = None,
+    ) -> None:
+        """Record a finished request: history features and the online P90 recalibration.
+
+        Recalibration is adaptive conformal inference in log space: per task bucket, the
+        P90/P99 shift grows by rate*0.9 after a miss (actual > p90) and shrinks by
+        rate*0.1 after a cover, so the long-run P90 miss rate tracks 10% under drift.
+        Pass the ``prediction`` made at decision time (without the hint) to skip
+        re-predicting; otherwise it is recomputed from the current history.
+        """
+        if self.online_calibration:
+            pred = prediction or self._post(
+                self.predict_features([self.features(x)])[0],
+                msgspec.structs.replace(x, output_tokens_hint=None),
+            )
+            miss = 1.0 if actual_output_tokens > pred.p90 else 0.0
+            tb = F.task_bucket(x.task)
+            cur = self._calib.get(tb, 0.0) + self.calib_rate * (miss - 0.1)
+            self._calib[tb] = min(max(cur, -2.0), 2.0)
+        self._last = None
+        self.history.observe(
+            x.task, x.workflow_id, x.step, actual_output_tokens, x.model, x.prompt
+        )
+
+    def calibration_shifts(self) -> dict[str, float]:
+        """The online P90/P99 log1p shifts per task bucket (record them for replay)."""
+        return dict(self._calib)
+
+    def reset(self) -> None:
+        """Forget all online state (history and recalibration)."""
+        self.history.clear()
+        self._calib.clear()
+        self._last = None
+
+
+def default_model_dir() -> Path:
+    import goodserve
+
+    return Path(goodserve.__file__).resolve().parent / "data" / "predictor"
+
+
+def _read_dir(d: Path) -> tuple[dict[str, Any], dict[str, Any], np.ndarray | None, str]:
+    """Parse a model directory; the version hashes the model, metadata and n-gram files."""
+    if not d.is_dir():
+        raise FileNotFoundError(f"not a predictor model directory: {d}")
+    mpath = d / MODEL_FILE
+    if not mpath.exists() and (d / "model.json").exists():
+        mpath = d / "model.json"
+    raw = mpath.read_bytes()
+    h = hashlib.sha256(raw)
+    text = gzip.decompress(raw) if mpath.suffix == ".gz" else raw
+    meta_raw = (d / META_FILE).read_bytes()
+    h.update(meta_raw)  # conformal offsets and hint weight change predictions too
+    meta = json.loads(meta_raw)
+    weights = None
+    npath = d / NGRAM_FILE
+    if npath.exists():
+        nraw = npath.read_bytes()
+        h.update(nraw)
+        weights = ngram_weights_from_json(json.loads(gzip.decompress(nraw)))
+    return json.loads(text), meta, weights, "xgb-" + h.hexdigest()[:12]
+
+
+def ngram_weights_to_json(w: np.ndarray) -> dict[str, Any]:
+    """Sparse form of the n-gram weights (non-zero entries, 4 decimals)."""
+    r = np.round(np.asarray(w, dtype=np.float64), 4)
+    idx = np.flatnonzero(r)
+    return {"space": int(r.size), "idx": idx.tolist(), "w": r[idx].tolist()}
+
+
+def ngram_weights_from_json(obj: dict[str, Any]) -> np.ndarray:
+    w = np.zeros(int(obj["space"]), dtype=np.float64)
+    w[np.asarray(obj["idx"], dtype=np.intp)] = obj["w"]
+    return w
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped() -> tuple[dict[str, Any], dict[str, Any], np.ndarray | None, str]:
+    return _read_dir(default_model_dir())
+
+
+# --------------------------------------------------------------------------------------
+# Deterministic baselines
+
+
+class TaskMedianPredictor(_Base):
+    """Per-task quantiles of the training data: the baseline the model must beat.
+
+    ``features`` is ``[task bucket index]`` (unknown tasks -> ``other``, which falls back
+    to the quantiles over all tasks).
+    """
+
+    def __init__(self, table: dict[str, Sequence[float]], overall: Sequence[float]) -> None:
+        self.table = {t: tuple(float(v) for v in q) for t, q in table.items()}
+        self.overall = tuple(float(v) for v in overall)
+        blob = json.dumps({"t": self.table, "o": self.overall}, sort_keys=True).encode()
+        self.version = "task-median-" + hashlib.sha256(blob).hexdigest()[:12]
+        self._rows = [
+            LengthPrediction(*self._ordered(self.table.get(t, self.overall))) for t in F.TASKS
+        ]
+
+    @staticmethod
+    def _ordered(q: Sequence[float]) -> tuple[float, float, float]:
+        p50 = q[0]
+        p90 = max(q[1], p50)
+        return p50, p90, max(q[2] if len(q) > 2 else p90, p90)
+
+    @classmethod
+    def fit(cls, tasks: Sequence[str], outputs: Sequence[float]) -> TaskMedianPredictor:
+        by: dict[str, list[float]] = {}
+        for t, y in zip(tasks, outputs, strict=True):
+            by.setdefault(F.task_bucket(t), []).append(float(y))
+        qs = [q * 100 for q in QUANTILES]
+        table = {t: np.percentile(v, qs, method="lower").tolist() for t, v in by.items()}
+        overall = np.percentile(np.asarray(outputs, dtype=float), qs, method="lower").tolist()
+        return cls(table, overall)
+
+    @classmethod
+    def default(cls) -> TaskMedianPredictor:
+        """The per-task quantiles of the shipped model's training data."""
+        meta = _shipped()[1]
+        b = meta["baseline"]
+        return cls(b["table"], b["overall"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"table": {t: list(q) for t, q in self.table.items()}, "overall": list(self.overall)}
+
+    def features(self, x: PredictorInput) -> list[float]:
+        return [float(F.TASK_INDEX[F.task_bucket(x.task)])]
+
+    def predict_features(self, feats: Sequence[Sequence[float]]) -> list[LengthPrediction]:
+        return [self._rows[int(f[0])] for f in feats]
+
+
+class ConstantPredictor(_Base):
+    """The same prediction for every request (tests, and a trivial baseline)."""
+
+    def __init__(self, p50: float = 256.0, p90: float | None = None, p99: float | None = None):
+        p90 = max(p90 if p90 is not None else p50 * 2.0, p50)
+        p99 = max(p99 if p99 is not None else p90 * 1.5, p90)
+        self._pred = LengthPrediction(float(p50), float(p90), float(p99))
+        self.version = f"constant-{p50:g}-{p90:g}-{p99:g}"
+
+    def features(self, x: PredictorInput) -> list[float]:
+        return []
+
+    def predict_features(self, feats: Sequence[Sequence[float]]) -> list[LengthPrediction]:
+        return [self._pred for _ in feats]

@@ -1,0 +1,376 @@
+"""The router: predict the output length, estimate every instance, let the policy pick.
+
+Synchronous and free of I/O, like vLLM's scheduler: the live dispatcher service and
+the discrete-event simulator call the very same ``Router.route``. Each decision is
+reproducible from its audit record (``Decision``): inputs, the estimator state it
+saw, the policy with its settings and picker state, and the seed of its tie-breaking
+RNG. ``replay`` recomputes a decision from such a record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from goodserve.dispatcher.estimator import FleetEstimator
+from goodserve.dispatcher.policies.base import Policy, RouteContext
+from goodserve.dispatcher.policies.registry import make_policy
+from goodserve.dispatcher.prefix_index import PrefixIndex
+from goodserve.dispatcher.workflows import WorkflowTracker
+from goodserve.schemas import AgentRequest, Candidate, Decision
+
+from goodserve.errors import InvalidRequest
+
+DEFAULT_SLO_S = 30.0
+CHARS_PER_TOKEN = 4
+
+
+class Prediction(Protocol):
+    p50: float
+    p90: float
+
+
+class LengthPredictor(Protocol):
+    """What the router needs of an output-length predictor."""
+
+    version: str
+
+    def features(self, x: Any) -> list[float]: ...
+
+    def predict(self, x: Any) -> Any: ...
+
+
+def input_tokens_of(req: AgentRequest) -> int:
+    """Prompt length in tokens: given, else token ids, else ceil(chars / 4)."""
+    if req.input_tokens is not None:
+        return req.input_tokens
+    if req.prompt_token_ids is not None:
+        return len(req.prompt_token_ids)
+    if req.prompt is not None:
+        return max(1, math.ceil(len(req.prompt) / CHARS_PER_TOKEN))
+    return 1
+
+
+def deadline_of(req: AgentRequest, now: float, default_slo_s: float = DEFAULT_SLO_S) -> float:
+    """Absolute deadline: explicit, else arrival + SLO, else arrival + the default SLO."""
+    if req.deadline is not None:
+        return req.deadline
+    arrival = req.arrival if req.arrival is not None else now
+    return arrival + (req.slo_s if req.slo_s is not None else default_slo_s)
+
+
+@dataclass(slots=True)
+class RouteOutcome:
+    """The result of one decision; ``record()`` builds its audit record on demand."""
+
+    request: AgentRequest
+    decision_id: str
+    instance_id: str | None
+    slot: int | None
+    now: float
+    deadline: float
+    input_tokens: int
+    planned_tokens: float
+    p50: float
+    p90: float
+    features: list[float]
+    seed: int
+    how: str
+    policy: Policy
+    predictor_version: str
+    picker_state: dict[str, int]
+    views: Any
+    ctx: RouteContext
+    mask: np.ndarray
+    scores: np.ndarray
+
+    def record(self, top_k: int | None = None) -> Decision:
+        """The audit record (candidates: all instances, or the best ``top_k`` by score)."""
+        q, p, d, f = self.ctx.estimates()
+        slack = self.ctx.deadline_in - f
+        n = len(q)
+        order: list[int] | range = range(n)
+        if top_k is not None and n > top_k:
+            best = np.argsort(-np.where(self.mask, self.scores, -1e18), kind="stable")[:top_k]
+            keep = set(best.tolist())
+            if self.slot is not None:
+                keep.add(self.slot)
+            order = sorted(keep)
+        cached = np.broadcast_to(np.asarray(self.ctx.cached, dtype=float), (n,))
+        infos = self.ctx.est.infos
+        cands = [
+            Candidate(
+                instance_id=infos[i].instance_id,
+                gpu=infos[i].gpu,
+                eligible=bool(self.mask[i]),
+                est_queue_s=float(q[i]),
+                est_prefill_s=float(p[i]),
+                est_tpot_s=float(d[i]),
+                est_finish_s=float(f[i]),
+                slack_s=float(slack[i]) if math.isfinite(slack[i]) else 1e18,
+                score=float(self.scores[i]),
+                cached_tokens=int(cached[i]),
+            )
+            for i in order
+        ]
+        config: dict[str, float | int | str | bool] = {
+            k: v for k, v in self.policy.config.items() if isinstance(v, float | int | str | bool)
+        }
+        config.update({f"state.{k}": v for k, v in self.picker_state.items()})
+        config["p99"] = self.ctx.p99
+        config["max_tokens_cap"] = self.ctx.max_tokens
+        if self.ctx.sticky is not None:
+            config["sticky"] = self.ctx.sticky
+        return Decision(
+            decision_id=self.decision_id,
+            request_id=self.request.request_id,
+            at=self.now,
+            policy=self.policy.name,
+            policy_version=self.policy.version,
+            predictor_version=self.predictor_version,
+            config=config,
+            seed=self.seed,
+            request=self.request,
+            input_tokens=self.input_tokens,
+            features=self.features,
+            predicted_output_p50=self.p50,
+            predicted_output_p90=self.p90,
+            planned_output_tokens=self.planned_tokens,
+            deadline=self.deadline,
+            instances=self.views if self.views is not None else [],
+            candidates=cands,
+            chosen=self.instance_id,
+            outcome="assigned" if self.instance_id else "rejected",
+            reason=self.how,
+        )
+
+
+class Router:
+    """Predict, estimate, select; then count the request on the chosen instance."""
+
+    def __init__(
+        self,
+        *,
+        estimator: FleetEstimator,
+        predictor: LengthPredictor,
+        policy: Policy | str,
+        seed: int = 0,
+        default_slo_s: float = DEFAULT_SLO_S,
+        max_tokens_bound: bool = True,
+        record_views: bool = True,
+        prefix_index: PrefixIndex | None = None,
+        workflows: WorkflowTracker | None = None,
+        max_sessions: int = 100_000,
+    ) -> None:
+        self.est = estimator
+        self.predictor = predictor
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.seed = seed
+        self.default_slo_s = default_slo_s
+        self.max_tokens_bound = max_tokens_bound
+        self.record_views = record_views
+        self.counter = 0
+        self.prefix_index = prefix_index if prefix_index is not None else PrefixIndex()
+        self.workflows = workflows if workflows is not None else WorkflowTracker()
+        self.sessions: OrderedDict[str, int] = OrderedDict()
+        self.max_sessions = max_sessions
+
+    def decision_seed(self, request_id: str) -> int:
+        """Per-decision RNG seed: stable for (router seed, request, count)."""
+        h = hashlib.blake2b(f"{self.seed}:{request_id}:{self.counter}".encode(), digest_size=8)
+        return int.from_bytes(h.digest(), "little") >> 1
+
+    def route(
+        self,
+        req: AgentRequest,
+        now: float,
+        *,
+        cached: np.ndarray | float | None = None,
+        commit: bool = True,
+        predictor_input: Any = None,
+        block_hashes: list[int] | None = None,
+    ) -> RouteOutcome:
+        """Decide where ``req`` goes. With ``commit`` the estimator counts it there at once.
+
+        ``block_hashes`` (the prompt's chained KV-block hashes) let the prefix index
+        estimate how much of the prompt each instance has cached.
+        """
+        if req.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be >= 1, got {req.max_tokens}")
+        self.counter += 1
+        n_in = input_tokens_of(req)
+        if cached is None:
+            cached = self.prefix_index.match(block_hashes, len(self.est)) if block_hashes else 0.0
+        x = predictor_input if predictor_input is not None else to_predictor_input(req, n_in)
+        feats = self.predictor.features(x)
+        pred = self.predictor.predict(x)
+        p50, p90 = float(pred.p50), float(pred.p90)
+        p99 = float(getattr(pred, "p99", 0.0) or 0.0)
+        deadline = self.deadline_for(req, now, n_in, p50)
+        seed = self.decision_seed(req.request_id)
+        picker_state = self.policy.state()
+        views = self.est.views(now) if self.record_views else None
+        ctx = RouteContext(
+            est=self.est,
+            now=now,
+            input_tokens=n_in,
+            planned_tokens=p50,
+            deadline_in=deadline - now,
+            model=req.model,
+            seed=seed,
+            p50=p50,
+            p90=p90,
+            p99=p99,
+            max_tokens=req.max_tokens if self.max_tokens_bound else 0,
+            workflow_id=req.workflow_id,
+            priority=req.priority,
+            cached=cached,
+        )
+        sticky = self.sessions.get(req.workflow_id) if req.workflow_id else None
+        ctx.sticky = sticky
+        ctx.set_plan("p50")
+        slot, mask, scores, how = self.policy.select(ctx)
+        planned = ctx.planned_tokens
+        instance_id = self.est.infos[slot].instance_id if slot is not None else None
+        out = RouteOutcome(
+            request=req,
+            decision_id=f"{req.request_id}#{self.counter}",
+            instance_id=instance_id,
+            slot=slot,
+            now=now,
+            deadline=deadline,
+            input_tokens=n_in,
+            planned_tokens=planned,
+            p50=p50,
+            p90=p90,
+            features=feats,
+            seed=seed,
+            how=how,
+            policy=self.policy,
+            predictor_version=self.predictor.version,
+            picker_state=picker_state,
+            views=views,
+            ctx=ctx,
+            mask=mask,
+            scores=scores,
+        )
+        if commit and instance_id is not None and slot is not None:
+            if block_hashes:
+                self.prefix_index.add(slot, block_hashes)
+            if req.workflow_id:
+                self.sessions[req.workflow_id] = slot
+                self.sessions.move_to_end(req.workflow_id)
+                if len(self.sessions) > self.max_sessions:
+                    self.sessions.popitem(last=False)
+            c = float(cached[slot]) if isinstance(cached, np.ndarray) else float(cached)
+            q_, p_, d_, _ = ctx.estimates()
+            self.est.on_assign(
+                instance_id,
+                request_id=req.request_id,
+                input_tokens=n_in,
+                planned_tokens=planned,
+                deadline=deadline,
+                now=now,
+                p50=p50,
+                p90=p90,
+                cached_tokens=int(c),
+                est_fixed_s=float((q_[slot] + p_[slot]) * self.est.finish_corr[slot]),
+                est_tpot_s=float(d_[slot] * self.est.finish_corr[slot]),
+            )
+        return out
+
+    def deadline_for(self, req: AgentRequest, now: float, input_tokens: int, p50: float) -> float:
+        """The call's deadline: its own, and within its share of the workflow's time left."""
+        has_own = req.deadline is not None or req.slo_s is not None
+        own = deadline_of(req, now, self.default_slo_s)
+        if req.workflow_deadline is None or req.workflow_id is None:
+            return own
+        _, _, _, finish = self.est.estimate(input_tokens, p50)
+        usable = self.est.usable(now)
+        est_s = float(finish[usable].min()) if usable.any() else float(finish.min(initial=1.0))
+        budget = self.workflows.budget_deadline(
+            workflow_id=req.workflow_id,
+            task=req.task,
+            step=req.step,
+            workflow_deadline=req.workflow_deadline,
+            now=now,
+            call_estimate_s=est_s,
+        )
+        return min(own, budget) if has_own else budget
+
+    def on_heartbeat(self, hb: Any, *, now: float | None = None) -> None:
+        """Fold a heartbeat into the estimator and the prefix index's capacity mirror."""
+        self.est.on_heartbeat(hb, now=now)
+        slot = self.est.index.get(hb.instance_id)
+        if hb.kv_total_blocks and slot is not None:
+            # the engine's blocks may be larger than the index's (vLLM CPU: 32): mirror tokens
+            tokens = hb.kv_total_blocks * (hb.kv_block_size or self.prefix_index.block_size)
+            self.prefix_index.set_capacity(slot, tokens // self.prefix_index.block_size)
+
+    def forget_instance(self, instance_id: str) -> None:
+        """An instance died or restarted: its cache and sticky sessions are gone."""
+        slot = self.est.index.get(instance_id)
+        if slot is None:
+            return
+        self.prefix_index.drop_instance(slot)
+        for wid in [w for w, s in self.sessions.items() if s == slot]:
+            del self.sessions[wid]
+
+
+def to_predictor_input(req: AgentRequest, input_tokens: int) -> Any:
+    """The predictor's view of a request (never its true output length)."""
+    from goodserve.dispatcher.predictor.model import PredictorInput
+
+    return PredictorInput(
+        input_tokens=input_tokens,
+        task=req.task,
+        model=req.model,
+        prompt=req.prompt,
+        workflow_id=req.workflow_id,
+        step=req.step,
+        output_tokens_hint=req.output_tokens_hint,
+    )
+
+
+def replay(decision: Decision) -> tuple[str | None, Decision]:
+    """Recompute a decision from its audit record alone: (chosen instance, recomputed record).
+
+    The predictor is not re-run: its recorded predictions are inputs here, and
+    ``replay_predictions`` checks them against the recorded features separately.
+    """
+    est = FleetEstimator.from_views(list(decision.instances))
+    overrides = {k: v for k, v in decision.config.items() if not k.startswith("state.")}
+    policy = make_policy(decision.policy, overrides)
+    policy.set_state(
+        {k[len("state.") :]: int(v) for k, v in decision.config.items() if k.startswith("state.")}
+    )
+    cached = np.zeros(len(est))
+    for c in decision.candidates:
+        if c.cached_tokens and c.instance_id in est.index:
+            cached[est.index[c.instance_id]] = c.cached_tokens
+    ctx = RouteContext(
+        est=est,
+        now=decision.at,
+        input_tokens=decision.input_tokens,
+        planned_tokens=decision.predicted_output_p50,
+        deadline_in=decision.deadline - decision.at,
+        model=decision.request.model,
+        seed=decision.seed,
+        p50=decision.predicted_output_p50,
+        p90=decision.predicted_output_p90,
+        p99=float(decision.config.get("p99", 0.0)),
+        max_tokens=int(decision.config.get("max_tokens_cap", 0)),
+        workflow_id=decision.request.workflow_id,
+        priority=decision.request.priority,
+        cached=cached if cached.any() else 0.0,
+    )
+    sticky = decision.config.get("sticky")
+    ctx.sticky = int(sticky) if sticky is not None else None
+    ctx.set_plan("p50")
+    slot, _mask, _scores, _how = policy.select(ctx)
+    chosen = est.infos[slot].instance_id if slot is not None else None
+    return chosen, decision

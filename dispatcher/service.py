@@ -1,0 +1,596 @@
+"""The dispatcher service: requests topic in, assignments and decision records out.
+
+It consumes ``requests`` in a consumer group (replicas share the partitions),
+keeps fleet state from ``heartbeats`` and ``results`` (every replica reads all of
+them), routes each request with the decision core, produces the ``Assignment`` to
+the chosen instance's topic and the ``Decision`` to the audit topic, and commits
+the request's offset only after both are acknowledged. Bad requests get a rejected
+``Result`` and a ``DeadLetter``; nothing is dropped silently. When no instance can
+take work it holds requests (bounded) and pauses consuming instead of overfilling
+queues. The risk monitor can run inside it (``monitor=True``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import structlog
+from goodserve.dispatcher.estimator import FleetEstimator
+from goodserve.dispatcher.policies.registry import make_policy
+from goodserve.dispatcher.router import Router, to_predictor_input
+from goodserve.dispatcher.validation import Limits, SeenRequests, validate_request
+from goodserve.monitor.risk import MonitorConfig, RiskMonitor
+from goodserve.schemas import (
+    AgentRequest,
+    Assignment,
+    Checkpoint,
+    ErrorInfo,
+    Heartbeat,
+    MigrationCommand,
+    Result,
+)
+
+from goodserve.config import Settings
+from goodserve.errors import ConfigError, DuplicateRequest, GoodServeError, Unschedulable
+from goodserve.logging import get_logger
+from goodserve.metrics import DispatcherMetrics, MetricsServer
+from goodserve.sim.fleet import Fleet
+from goodserve.sim.kvcache import (
+    block_hashes_for_key,
+    block_hashes_for_text,
+    block_hashes_for_tokens,
+)
+from goodserve.transport.consumer import Envelope, TypedConsumer
+from goodserve.transport.deadletter import DeadLetterSink
+from goodserve.transport.producer import Delivery, TypedProducer
+from goodserve.transport.topics import ensure_topics, instance_topic_spec, standard_topics
+
+log = get_logger("goodserve.dispatcher")
+
+
+@dataclass(slots=True)
+class DispatcherStats:
+    """Counters for logs and metrics."""
+
+    received: int = 0
+    assigned: int = 0
+    rejected: int = 0
+    dead_lettered: int = 0
+    held: int = 0
+    held_now: int = 0
+    results: int = 0
+    met: int = 0
+    migrations: int = 0
+    reissued: int = 0
+    decision_us: deque[float] = field(default_factory=lambda: deque(maxlen=10000))
+
+
+class DispatcherService:
+    """Routes agent requests to instances over Kafka (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        policy: str = "goodserve",
+        policy_overrides: dict[str, Any] | None = None,
+        predictor: Any = None,
+        fleet: Fleet | None = None,
+        group_id: str = "goodserve-dispatcher",
+        monitor: bool = True,
+        monitor_config: MonitorConfig | None = None,
+        limits: Limits | None = None,
+        default_slo_s: float = 30.0,
+        max_held: int = 10000,
+        stale_after_s: float = 3.0,
+        max_tokens_bound: bool = True,
+        seed: int = 0,
+        batch_size: int = 500,
+        metrics_port: int | None = None,
+        drain_timeout_s: float = 10.0,
+    ) -> None:
+        if max_held < 0:
+            raise ConfigError(f"max_held must be >= 0, got {max_held}")
+        if default_slo_s <= 0:
+            raise ConfigError(f"default_slo_s must be > 0, got {default_slo_s}")
+        self.settings = settings
+        self.group_id = group_id
+        self.replica_id = uuid.uuid4().hex[:8]
+        self.limits = limits or Limits()
+        self.default_slo_s = default_slo_s
+        self.max_held = max_held
+        self.drain_timeout_s = drain_timeout_s
+        self.batch_size = batch_size
+        self.fleet = fleet
+        self.est = FleetEstimator(stale_after_s=stale_after_s, require_heartbeat=True)
+        if fleet is not None:
+            for inst in fleet.instances:
+                self.est.add_instance(inst.id, gpu=inst.gpu, model=fleet.model_of(inst),
+                                      max_batch=inst.max_batch or 256, alive=False)
+        self._policy = make_policy(policy, policy_overrides)
+        self._predictor = predictor
+        self._seed = seed
+        self._max_tokens_bound = max_tokens_bound
+        self.router: Router | None = None
+        self.monitor = RiskMonitor(monitor_config or MonitorConfig()) if monitor else None
+        self._models: frozenset[str] | None = None
+        self._models_for = -1
+        self._instance_topics: set[str] = set()
+        self.seen = SeenRequests()
+        self.stats = DispatcherStats()
+        self.metrics = DispatcherMetrics(self)
+        self._metrics_server = (MetricsServer(self.metrics, port=metrics_port)
+                                if metrics_port is not None else None)
+        self.held: deque[tuple[Envelope[AgentRequest], float]] = deque()
+        self.checkpoints: dict[str, Checkpoint] = {}
+        self.inputs: dict[str, Any] = {}
+        self.assignments: dict[str, Assignment] = {}
+        self.orphans: dict[str, tuple[AgentRequest, Checkpoint | None, Assignment | None]] = {}
+        """Requests to re-dispatch (their instance died or drained) once an instance is up."""
+        self.stale_after_s = stale_after_s
+        self._last_heartbeat = 0.0
+        self._blackout_until = 0.0
+        self._producer: TypedProducer | None = None
+        self._requests: TypedConsumer[AgentRequest] | None = None
+        self._fleet_consumer: TypedConsumer[Any] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._started = False
+        self._stopped = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        predictor = self._predictor
+        if predictor is None:
+            from goodserve.dispatcher.predictor.model import OutputLengthPredictor
+
+            predictor = await asyncio.to_thread(OutputLengthPredictor.default)
+        self.router = Router(estimator=self.est, predictor=predictor, policy=self._policy,
+                             seed=self._seed, default_slo_s=self.default_slo_s,
+                             max_tokens_bound=self._max_tokens_bound, record_views=True)
+        s = self.settings
+        await ensure_topics(s, standard_topics(s))
+        self._producer = TypedProducer(settings=s, client_id=f"{s.client_id}-dispatcher")
+        await self._producer.start()
+        sink = DeadLetterSink(settings=s, service="dispatcher", producer=self._producer)
+        self._requests = TypedConsumer(
+            settings=s, topics=[s.requests_topic], group_id=self.group_id, service="dispatcher",
+            message_type=AgentRequest, dead_letters=sink, max_poll_records=self.batch_size,
+            poll_timeout_ms=50,
+        )
+        self._fleet_consumer = TypedConsumer(
+            settings=s, topics=[s.heartbeats_topic, s.results_topic, s.checkpoints_topic],
+            group_id=None, service="dispatcher-fleet", dead_letters=sink,
+            auto_offset_reset="latest", poll_timeout_ms=50,
+        )
+        await self._fleet_consumer.start()
+        await self._requests.start()
+        self._tasks = [
+            asyncio.create_task(self._request_loop(), name="dispatcher-requests"),
+            asyncio.create_task(self._fleet_loop(), name="dispatcher-fleet"),
+            asyncio.create_task(self._housekeeping_loop(), name="dispatcher-housekeeping"),
+        ]
+        if self._metrics_server is not None:
+            await self._metrics_server.start()
+        log.info("dispatcher.started", replica=self.replica_id, policy=self._policy.name,
+                 monitor=self.monitor is not None, settings=s.redacted())
+
+    async def stop(self) -> None:
+        """Stop taking requests, finish the batch in hand, commit, close. Idempotent."""
+        if self._stopped or not self._started:
+            self._stopped = True
+            return
+        self._stopped = True
+        self._stopping.set()
+        # drain: the request loop sees _stopping and returns after the batch in hand is
+        # produced and committed; only a loop stuck longer than drain_timeout_s is cancelled
+        loop_task = next((t for t in self._tasks if t.get_name() == "dispatcher-requests"), None)
+        if loop_task is not None:
+            await asyncio.wait([loop_task], timeout=self.drain_timeout_s)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._requests is not None:
+            await self._requests.stop()
+        if self._fleet_consumer is not None:
+            await self._fleet_consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+        log.info("dispatcher.stopped", replica=self.replica_id, assigned=self.stats.assigned,
+                 rejected=self.stats.rejected)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    def assigned_partitions(self) -> int:
+        """Partitions of the requests topic this replica owns now (0 until the group settles)."""
+        c = self._requests._consumer if self._requests is not None else None
+        return len(c.assignment()) if c is not None else 0
+
+    async def run_until_stopped(self) -> None:
+        await self._stopping.wait()
+
+    # ------------------------------------------------------------------ requests
+    async def _request_loop(self) -> None:
+        assert self._requests is not None
+        while not self._stopping.is_set():
+            try:
+                if len(self.held) >= self.max_held:
+                    await asyncio.sleep(0.05)  # backpressure: stop consuming until work drains
+                    await self._retry_held()
+                    continue
+                envs = await self._requests.getmany(timeout_ms=50, max_records=self.batch_size)
+                if envs:
+                    await self.handle_batch(envs)
+                await self._retry_held()
+            except asyncio.CancelledError:
+                raise
+            except GoodServeError as e:
+                log.warning("dispatcher.request_loop_error", error=str(e), retriable=e.retriable)
+                await asyncio.sleep(0.5)
+            except Exception:  # keep the service alive; the batch is re-read (not committed)
+                log.exception("dispatcher.request_loop_crash")
+                await asyncio.sleep(0.5)
+
+    async def handle_batch(self, envs: list[Envelope[AgentRequest]]) -> None:
+        """Route a batch, wait for its records to be acknowledged, then commit it."""
+        assert self._requests is not None
+        deliveries: list[Delivery] = []
+        done: list[Envelope[AgentRequest]] = []
+        now = time.time()
+        for env in envs:
+            self.stats.received += 1
+            with structlog.contextvars.bound_contextvars(request_id=env.msg.request_id):
+                outcome = await self._handle_one(env, now, deliveries)
+            if outcome != "held":
+                done.append(env)
+        try:
+            for d in deliveries:
+                await d
+        except GoodServeError:
+            # some outputs of this batch were not acknowledged: read the batch again (the
+            # idempotent producer makes re-sent records harmless; workers de-duplicate)
+            for env in envs:
+                self.seen.discard(env.msg.request_id)
+            for h, _ in self.held:
+                self.seen.discard(h.msg.request_id)
+            self.held.clear()
+            self.stats.held_now = 0
+            await self._requests.rewind()
+            raise
+        if self.held:
+            # never commit past a held request: it must survive a crash of this replica
+            floor: dict[tuple[str, int], int] = {}
+            for h, _ in self.held:
+                k = (h.topic, h.partition)
+                floor[k] = min(floor.get(k, h.offset), h.offset)
+            done = [e for e in done if e.offset < floor.get((e.topic, e.partition), 1 << 62)]
+        if done:
+            await self._requests.commit(done)
+
+    async def _handle_one(self, env: Envelope[AgentRequest], now: float,
+                          deliveries: list[Delivery]) -> str:
+        req = env.msg
+        if req.arrival is None:
+            req = _with(req, arrival=env.timestamp or now)
+            env = Envelope(req, env.topic, env.partition, env.offset, env.key, env.timestamp,
+                           env.raw)
+        try:
+            models = self._served_models()
+            validate_request(req, now, self.limits, models, self.default_slo_s)
+            self.seen.check_and_add(req.request_id)
+        except DuplicateRequest as e:
+            # the first copy will produce the one result: only dead-letter this one
+            await self._requests_dead_letter(env, e)
+            return "dead-lettered"
+        except GoodServeError as e:
+            await self._reject(env, e, deliveries)
+            return "rejected"
+        if not self.est.usable(now).any():
+            return self._hold(env, now)
+        return await self._route(env, now, deliveries)
+
+    async def _route(self, env: Envelope[AgentRequest], now: float,
+                     deliveries: list[Delivery]) -> str:
+        assert self.router is not None and self._producer is not None
+        req = env.msg
+        t0 = time.perf_counter()
+        x = to_predictor_input(req, req.input_tokens or 0) if req.input_tokens else None
+        out = self.router.route(req, now, predictor_input=x, block_hashes=self.block_hashes(req))
+        self.stats.decision_us.append((time.perf_counter() - t0) * 1e6)
+        self.metrics.observe_decision(time.perf_counter() - t0, out.instance_id)
+        record = out.record(top_k=32)
+        s = self.settings
+        deliveries.append(await self._producer.send_nowait(s.decisions_topic, record,
+                                                           key=req.request_id))
+        if out.instance_id is None:
+            self.seen.discard(req.request_id)
+            err = Unschedulable(f"no instance can meet the deadline: {out.how}")
+            deliveries.append(await self._producer.send_nowait(
+                req.reply_to or s.results_topic, _rejection(req, err, out.decision_id),
+                key=req.request_id))
+            self.stats.rejected += 1
+            log.info("dispatcher.rejected", reason=out.how)
+            return "rejected"
+        a = Assignment(request=req, instance_id=out.instance_id, decision_id=out.decision_id,
+                       dispatched_at=time.time(), deadline=out.deadline,
+                       predicted_output_tokens=round(out.p50),
+                       predicted_output_p90=round(out.p90))
+        deliveries.append(await self._producer.send_nowait(s.instance_topic(out.instance_id), a,
+                                                           key=req.request_id))
+        self.assignments[req.request_id] = a
+        self.inputs[req.request_id] = x or to_predictor_input(req, out.input_tokens)
+        self.stats.assigned += 1
+        log.debug("dispatcher.assigned", instance_id=out.instance_id,
+                  decision_id=out.decision_id, planned=out.planned_tokens)
+        return "assigned"
+
+    def block_hashes(self, req: AgentRequest) -> list[int] | None:
+        """The prompt's chained KV-block hashes for the prefix index (token ids, else text,
+        else the workflow's simulated prefix key: what the workers' engines cache)."""
+        bs = self.router.prefix_index.block_size if self.router is not None else 16
+        if req.prompt_token_ids:
+            return block_hashes_for_tokens(req.prompt_token_ids, bs)
+        if req.prompt:
+            return block_hashes_for_text(req.prompt, bs)
+        if req.workflow_id and req.input_tokens:
+            return block_hashes_for_key(req.workflow_id, req.input_tokens, bs)
+        return None
+
+    def _hold(self, env: Envelope[AgentRequest], now: float) -> str:
+        self.held.append((env, now))
+        self.stats.held += 1
+        self.stats.held_now = len(self.held)
+        if self.stats.held % 100 == 1:
+            log.warning("dispatcher.holding", held=len(self.held),
+                        reason="no instance is alive: holding requests (backpressure)")
+        return "held"
+
+    async def _retry_held(self) -> None:
+        if not self.held:
+            return
+        now = time.time()
+        if not self.est.usable(now).any():
+            # expire held requests whose deadline passed
+            return
+        assert self._requests is not None
+        batch = []
+        while self.held:
+            batch.append(self.held.popleft()[0])
+        self.stats.held_now = 0
+        deliveries: list[Delivery] = []
+        done = []
+        for env in batch:
+            if await self._route(env, now, deliveries) != "held":
+                done.append(env)
+        for d in deliveries:
+            await d
+        await self._requests.commit(None)  # nothing is held any more: all handed out is done
+
+    async def _reject(self, env: Envelope[AgentRequest], err: GoodServeError,
+                      deliveries: list[Delivery]) -> None:
+        assert self._producer is not None
+        req = env.msg
+        self.stats.rejected += 1
+        deliveries.append(await self._producer.send_nowait(
+            req.reply_to or self.settings.results_topic, _rejection(req, err, None),
+            key=req.request_id))
+        await self._requests_dead_letter(env, err)
+        log.info("dispatcher.invalid_request", error_code=err.code, error=str(err))
+
+    async def _requests_dead_letter(self, env: Envelope[Any], err: BaseException) -> None:
+        assert self._requests is not None
+        self.stats.dead_lettered += 1
+        await self._requests.dead_letter(env, err)
+
+    def _served_models(self) -> frozenset[str] | None:
+        """Models the fleet serves; recomputed only when instances join (hot path)."""
+        n = len(self.est.infos)
+        if self._models_for != n:
+            models = {i.model for i in self.est.infos}
+            self._models = None if not models or "default" in models else frozenset(models)
+            self._models_for = n
+        return self._models
+
+    async def _ensure_instance_topic(self, instance_id: str) -> None:
+        """Create an instance's topic once per process, not once per message."""
+        if instance_id not in self._instance_topics:
+            await ensure_topics(self.settings, [instance_topic_spec(self.settings, instance_id)])
+            self._instance_topics.add(instance_id)
+
+    # ------------------------------------------------------------------ fleet state
+    async def _fleet_loop(self) -> None:
+        assert self._fleet_consumer is not None
+        while not self._stopping.is_set():
+            try:
+                envs = await self._fleet_consumer.getmany(timeout_ms=50)
+                for env in envs:
+                    self.observe(env.msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("dispatcher.fleet_loop_error")
+                await asyncio.sleep(0.2)
+
+    def observe(self, msg: Any) -> None:
+        """Learn from a heartbeat, a result or a checkpoint (no I/O)."""
+        now = time.time()
+        if isinstance(msg, Heartbeat):
+            if now - self._last_heartbeat > self.stale_after_s:
+                # we heard nothing for a while (broker or this replica was cut off): give
+                # every instance a fresh period before calling any of them dead
+                self._blackout_until = now + self.stale_after_s
+            self._last_heartbeat = now
+            if self.router is not None:  # estimator and the prefix index's capacity mirror
+                self.router.on_heartbeat(msg, now=now)
+            else:
+                self.est.on_heartbeat(msg, now=now)
+            self.metrics.observe_heartbeat(msg)
+        elif isinstance(msg, Result):
+            a = self.assignments.get(msg.request_id)
+            self.metrics.observe_result(msg, a.predicted_output_tokens if a else None,
+                                        a.predicted_output_p90 if a else None)
+            self._on_result(msg, now)
+        elif isinstance(msg, Checkpoint):
+            self.checkpoints[msg.request_id] = msg
+            if msg.target is None and msg.source != "":
+                # a draining worker handed the request back: dispatch it again, resuming
+                self.orphans[msg.request_id] = (msg.request, msg,
+                                                self.assignments.get(msg.request_id))
+
+    def _on_result(self, r: Result, now: float) -> None:
+        if r.status in ("rejected",):
+            return
+        self.stats.results += 1
+        self.stats.met += bool(r.met_deadline)
+        if r.first_token_at and r.dispatched_at:
+            self.est.on_first_token(r.request_id, now=now)
+        decode_s = None
+        if r.first_token_at and r.finished_at and r.migrations == 0:
+            decode_s = r.finished_at - r.first_token_at
+        self.est.on_finish(r.request_id, now=now, output_tokens=r.output_tokens,
+                           decode_s=decode_s)
+        x = self.inputs.pop(r.request_id, None)
+        if x is not None and r.status == "ok" and self.router is not None:
+            observe = getattr(self.router.predictor, "observe", None)
+            if observe is not None:
+                observe(x, r.output_tokens)
+        self.assignments.pop(r.request_id, None)
+        self.checkpoints.pop(r.request_id, None)
+        self.orphans.pop(r.request_id, None)
+
+    # ------------------------------------------------------------------ monitor, liveness
+    async def _housekeeping_loop(self) -> None:
+        period = self.monitor.config.period_s if self.monitor else 0.5
+        while not self._stopping.is_set():
+            await asyncio.sleep(period)
+            try:
+                await self._reissue_from_dead()
+                if self.monitor is not None and self._policy.migrate:
+                    await self.migrate_at_risk()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("dispatcher.housekeeping_error")
+
+    async def migrate_at_risk(self) -> int:
+        """One risk-monitor round: command the migrations it plans."""
+        assert self.monitor is not None and self._producer is not None
+        now = time.time()
+        plans = self.monitor.plan(self.est, now)
+        for plan in plans:
+            a = self.assignments.get(plan.request_id)
+            cmd = MigrationCommand(migration_id=uuid.uuid4().hex, request_id=plan.request_id,
+                                   source=plan.source, target=plan.target, at=now,
+                                   reason=plan.reason, risk=plan.risk,
+                                   deadline=a.deadline if a else 0.0)
+            await self._ensure_instance_topic(plan.target)
+            await self._producer.send(self.settings.instance_topic(plan.source), cmd,
+                                      key=plan.request_id)
+            await self._producer.send(self.settings.migrations_topic, cmd, key=plan.request_id)
+            self.monitor.record(plan)
+            tr = self.est.requests.get(plan.request_id)
+            if tr is not None:
+                self.est.on_finish(plan.request_id, now=now)
+                self.est.on_assign(plan.target, request_id=plan.request_id,
+                                   input_tokens=tr.input_tokens,
+                                   planned_tokens=max(tr.planned_tokens,
+                                                      tr.generated + plan.remaining_tokens),
+                                   deadline=tr.deadline, now=now, p50=tr.p50, p90=tr.p90,
+                                   generated=tr.generated)
+            if a is not None:
+                self.assignments[plan.request_id] = _with(a, instance_id=plan.target)
+            self.stats.migrations += 1
+            log.info("dispatcher.migration", request_id=plan.request_id, source=plan.source,
+                     target=plan.target, risk=round(plan.risk, 3), reason=plan.reason)
+        return len(plans)
+
+    async def _reissue_from_dead(self) -> None:
+        """Instances whose heartbeats stopped: re-dispatch what they held (from checkpoints).
+
+        Nothing is declared dead while this replica itself hears no heartbeats at all (a
+        broker outage looks like every instance dying): expiry waits one stale period after
+        heartbeats resume. Requests that no live instance can take yet stay orphans and are
+        retried every round, never rejected for the lack of an instance.
+        """
+        assert self._producer is not None
+        now = time.time()
+        if now - self._last_heartbeat <= self.stale_after_s and now >= self._blackout_until:
+            for iid in self.est.expire(now):
+                lost = self.est.mark_dead(iid)
+                if self.router is not None:  # its KV cache and sticky sessions are gone
+                    self.router.forget_instance(iid)
+                log.warning("dispatcher.instance_dead", instance_id=iid, requests=len(lost))
+                for tr in lost:
+                    a = self.assignments.get(tr.request_id)
+                    self.est.on_finish(tr.request_id, now=now)
+                    if a is not None:
+                        self.orphans[tr.request_id] = (a.request,
+                                                       self.checkpoints.get(tr.request_id), a)
+        if not self.orphans or not self.est.usable(now).any():
+            return
+        for rid, (req, ck, a) in list(self.orphans.items()):
+            await self._reissue(rid, req, ck, a, now)
+
+    async def _reissue(self, rid: str, req: AgentRequest, ck: Checkpoint | None,
+                       a: Assignment | None, now: float) -> None:
+        assert self.router is not None and self._producer is not None
+        x = self.inputs.get(rid)
+        out = self.router.route(req, now, predictor_input=x, block_hashes=self.block_hashes(req))
+        if out.instance_id is None:
+            if self.est.usable(now).any():
+                del self.orphans[rid]
+                await self._producer.send(
+                    req.reply_to or self.settings.results_topic,
+                    _rejection(req, Unschedulable(
+                        f"its instance died and no other can take it: {out.how}"), None),
+                    key=rid)
+            return
+        deadline = a.deadline if a is not None else out.deadline
+        new = Assignment(request=req, instance_id=out.instance_id,
+                         decision_id=out.decision_id, dispatched_at=now,
+                         deadline=deadline, predicted_output_tokens=int(out.p50),
+                         predicted_output_p90=int(out.p90),
+                         attempt=(a.attempt if a is not None else 0) + 1, resume=ck)
+        await self._ensure_instance_topic(out.instance_id)
+        await self._producer.send(self.settings.instance_topic(out.instance_id), new, key=rid)
+        await self._producer.send(self.settings.decisions_topic, out.record(top_k=32), key=rid)
+        del self.orphans[rid]
+        self.assignments[rid] = new
+        if x is None:
+            self.inputs[rid] = to_predictor_input(req, out.input_tokens)
+        self.stats.reissued += 1
+        log.info("dispatcher.reissued", request_id=rid, instance_id=out.instance_id,
+                 from_checkpoint=ck is not None,
+                 resumed_tokens=len(ck.generated_token_ids) if ck is not None else 0)
+
+
+def _with(msg: Any, **changes: Any) -> Any:
+    import msgspec
+
+    return msgspec.structs.replace(msg, **changes)
+
+
+def _rejection(req: AgentRequest, err: GoodServeError, decision_id: str | None) -> Result:
+    return Result(
+        request_id=req.request_id, status="rejected", decision_id=decision_id,
+        workflow_id=req.workflow_id, arrival=req.arrival, finished_at=time.time(),
+        deadline=req.deadline, met_deadline=False,
+        error=ErrorInfo(code=err.code, message=str(err), retriable=err.retriable),
+    )

@@ -1,0 +1,98 @@
+"""Checks an agent request must pass before it is routed (pure; raises typed errors).
+
+Each failure is an ``InvalidInput`` with a code: the service turns it into a
+rejected ``Result`` for the client and a ``DeadLetter`` for operators.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from goodserve.dispatcher.router import deadline_of, input_tokens_of
+from goodserve.schemas import AgentRequest
+
+from goodserve.errors import (
+    DuplicateRequest,
+    InvalidRequest,
+    PromptTooLarge,
+    UnknownModel,
+)
+
+
+@dataclass(slots=True)
+class Limits:
+    max_prompt_tokens: int = 131072
+    max_output_tokens: int = 32768
+    max_prompt_chars: int = 1_000_000
+    max_slo_s: float = 86400.0
+    clock_skew_s: float = 1.0
+    """Deadlines this far in the past are still accepted (and then likely missed)."""
+
+
+def validate_request(req: AgentRequest, now: float, limits: Limits,
+                     models: frozenset[str] | None = None, default_slo_s: float = 30.0) -> int:
+    """Raise an InvalidInput for a request that can never be served; return its input tokens."""
+    if not req.request_id or len(req.request_id) > 256:
+        raise InvalidRequest("request_id must be 1-256 characters")
+    if req.max_tokens < 1:
+        raise InvalidRequest(f"max_tokens must be >= 1, got {req.max_tokens}")
+    if req.max_tokens > limits.max_output_tokens:
+        raise InvalidRequest(
+            f"max_tokens {req.max_tokens} exceeds the limit {limits.max_output_tokens}"
+        )
+    if req.prompt is None and req.prompt_token_ids is None and req.input_tokens is None:
+        raise InvalidRequest("a request needs prompt, prompt_token_ids or input_tokens")
+    if req.prompt is not None and len(req.prompt) > limits.max_prompt_chars:
+        raise PromptTooLarge(
+            f"prompt of {len(req.prompt)} characters exceeds {limits.max_prompt_chars}"
+        )
+    if req.input_tokens is not None and req.input_tokens < 1:
+        raise InvalidRequest(f"input_tokens must be >= 1, got {req.input_tokens}")
+    if req.prompt_token_ids is not None and len(req.prompt_token_ids) == 0:
+        raise InvalidRequest("prompt_token_ids is empty")
+    n_in = input_tokens_of(req)
+    if n_in > limits.max_prompt_tokens:
+        raise PromptTooLarge(f"prompt of {n_in} tokens exceeds {limits.max_prompt_tokens}")
+    if req.slo_s is not None and (not math.isfinite(req.slo_s) or req.slo_s <= 0):
+        raise InvalidRequest(f"slo_s must be a positive number of seconds, got {req.slo_s}")
+    if req.slo_s is not None and req.slo_s > limits.max_slo_s:
+        raise InvalidRequest(f"slo_s {req.slo_s} exceeds {limits.max_slo_s}")
+    if req.deadline is not None and not math.isfinite(req.deadline):
+        raise InvalidRequest("deadline must be a finite Unix time")
+    deadline = deadline_of(req, now, default_slo_s)
+    if deadline < now - limits.clock_skew_s:
+        raise InvalidRequest(f"deadline already passed {now - deadline:.3f}s ago")
+    if req.priority < -1000 or req.priority > 1000:
+        raise InvalidRequest(f"priority must be in [-1000, 1000], got {req.priority}")
+    if models is not None and req.model not in ("", "default") and req.model not in models:
+        raise UnknownModel(f"no instance serves model {req.model!r} (served: {sorted(models)})")
+    return n_in
+
+
+class SeenRequests:
+    """Request ids seen in the last ``ttl_s`` seconds (at most ``capacity``): duplicates are
+    refused. Bounded by time as well as count so memory stays flat under sustained load: a
+    re-delivery (crash, rewind) arrives within seconds, not minutes."""
+
+    def __init__(self, capacity: int = 200_000, ttl_s: float = 120.0) -> None:
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self._ids: OrderedDict[str, float] = OrderedDict()
+
+    def check_and_add(self, request_id: str, now: float | None = None) -> None:
+        t = time.monotonic() if now is None else now
+        ids = self._ids
+        while ids and (len(ids) >= self.capacity or next(iter(ids.values())) < t - self.ttl_s):
+            ids.popitem(last=False)
+        if request_id in ids:
+            raise DuplicateRequest(f"request id {request_id!r} was already accepted")
+        ids[request_id] = t
+
+    def discard(self, request_id: str) -> None:
+        self._ids.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._ids)

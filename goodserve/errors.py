@@ -1,0 +1,38 @@
+"""The project's error hierarchy (defined in goodserve.schemas.errors; re-exported here)."""
+
+from goodserve.schemas.errors import *  # noqa: F403
+from goodserve.schemas.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    DuplicateRequest,
+    EngineError,
+    GoodServeError,
+    InvalidInput,
+    InvalidRequest,
+    MalformedMessage,
+    PromptTooLarge,
+    SchemaError,
+    TransportError,
+    UnknownInstance,
+    UnknownModel,
+    Unschedulable,
+    UnsupportedSchemaVersion,
+)
+
+__all__ = [
+    "BrokerUnavailable",
+    "ConfigError",
+    "DuplicateRequest",
+    "EngineError",
+    "GoodServeError",
+    "InvalidInput",
+    "InvalidRequest",
+    "MalformedMessage",
+    "PromptTooLarge",
+    "SchemaError",
+    "TransportError",
+    "UnknownInstance",
+    "UnknownModel",
+    "Unschedulable",
+    "UnsupportedSchemaVersion",
+]

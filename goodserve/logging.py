@@ -1,0 +1,49 @@
+"""structlog set-up: JSON lines in production, pretty output in a terminal.
+
+Per-message context (request_id, instance_id, decision_id) is bound with
+``structlog.contextvars.bound_contextvars`` around the handling of each message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import structlog
+
+_configured = False
+
+
+def configure_logging(*, level: str | None = None, json: bool | None = None) -> None:
+    """Configure structlog once; GOODSERVE_LOG_LEVEL / GOODSERVE_LOG_JSON override defaults."""
+    global _configured
+    level = (level or os.environ.get("GOODSERVE_LOG_LEVEL", "INFO")).upper()
+    if json is None:
+        env = os.environ.get("GOODSERVE_LOG_JSON")
+        json = (env.lower() in ("1", "true", "yes")) if env else not sys.stderr.isatty()
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    _configured = True
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
+    return logger

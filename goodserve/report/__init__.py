@@ -1,0 +1,1 @@
+"""HTML reports with plots from simulation outputs and live results (``goodserve report``)."""

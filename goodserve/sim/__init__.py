@@ -1,0 +1,1 @@
+"""Simulation: the simulated instance (continuous batching), traces, fleets, the simulator."""

@@ -1,0 +1,32 @@
+"""Kafka transport: typed producers and consumers over aiokafka, topics, dead letters."""
+
+from .consumer import Envelope, TypedConsumer
+from .deadletter import DeadLetterSink, make_dead_letter
+from .kafka import kafka_client_kwargs, kafka_errors, map_kafka_error, ssl_context
+from .producer import Delivery, Sent, TypedProducer
+from .topics import (
+    TopicSpec,
+    delete_topics,
+    ensure_topics,
+    instance_topic_spec,
+    standard_topics,
+)
+
+__all__ = [
+    "DeadLetterSink",
+    "Delivery",
+    "Envelope",
+    "Sent",
+    "TopicSpec",
+    "TypedConsumer",
+    "TypedProducer",
+    "delete_topics",
+    "ensure_topics",
+    "instance_topic_spec",
+    "kafka_client_kwargs",
+    "kafka_errors",
+    "make_dead_letter",
+    "map_kafka_error",
+    "ssl_context",
+    "standard_topics",
+]

@@ -1,0 +1,1 @@
+"""Risk monitor: each running request's risk of missing its deadline, and migration planning."""

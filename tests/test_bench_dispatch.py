@@ -1,0 +1,41 @@
+"""``goodserve bench dispatch`` on the session's Apache Kafka: shape of the JSON, every request
+measured (no timing asserts: the CI machine is shared)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from goodserve.bench.dispatch import run_dispatch_bench, run_dispatch_bench_processes
+from goodserve.cli import build_parser
+from goodserve.config import Settings
+
+KEYS = {
+    "requests", "measured", "missing", "rate_target", "rate_achieved", "p50_ms", "p90_ms",
+    "p99_ms", "max_ms", "mean_ms", "backlog_max", "backlog_at_end", "produce_to_routed_p50_ms",
+    "routed_to_worker_p50_ms", "loadavg_before", "loadavg_after", "mode",
+}
+
+
+def test_cli_parses_dispatch_bench() -> None:
+    args = build_parser().parse_args(
+        ["bench", "dispatch", "--rps", "50", "--duration", "1", "--embedded", "--no-monitor"])
+    assert args.rps == 50 and args.duration == 1 and args.embedded and args.no_monitor
+    assert args.func.__name__ == "run_dispatch"
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "in-process"])
+async def test_dispatch_bench_measures_every_request(
+    kafka_settings: Settings, processes: bool
+) -> None:
+    bench = run_dispatch_bench_processes if processes else run_dispatch_bench
+    out = await bench(settings=kafka_settings, rps=200, duration_s=2.0, warmup=20)
+    json.dumps(out)  # JSON-able
+    assert KEYS <= set(out)
+    assert out["requests"] == 400
+    assert out["measured"] == 400 and out["missing"] == 0
+    assert out["mode"] == ("processes" if processes else "in-process")
+    assert out["rate_achieved"] > 0
+    assert 0 <= out["p50_ms"] <= out["p90_ms"] <= out["p99_ms"] <= out["max_ms"]

@@ -1,0 +1,306 @@
+"""WorkerService against a real Apache Kafka with simulated engines (scaled time): no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from goodserve.schemas import (
+    AgentRequest,
+    Assignment,
+    Checkpoint,
+    DeadLetter,
+    Heartbeat,
+    Message,
+    MigrationCommand,
+    Result,
+    encode,
+)
+from goodserve.workers.engines.simulated import SimulatedEngine, synthetic_token_id
+from goodserve.workers.service import WorkerService
+
+from goodserve.config import Settings
+from goodserve.errors import ConfigError
+from goodserve.transport import TypedConsumer, TypedProducer, ensure_topics
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
+
+MODEL = "llama-2-7b"
+
+
+def worker(
+    settings: Settings, iid: str, *, gpu: str = "H100", scale: float = 0.02, hb: float = 0.1
+) -> WorkerService:
+    eng = SimulatedEngine(instance_id=iid, gpu=gpu, model=MODEL, time_scale=scale)
+    return WorkerService(
+        settings=settings, instance_id=iid, engine=eng, gpu=gpu, model=MODEL, heartbeat_period_s=hb
+    )
+
+
+def assignment(
+    iid: str, rid: str, *, out: int, max_tokens: int = 2048, slo_s: float = 30.0
+) -> Assignment:
+    now = time.time()
+    req = AgentRequest(
+        request_id=rid,
+        input_tokens=64,
+        max_tokens=max_tokens,
+        arrival=now - 0.01,
+        slo_s=slo_s,
+        metadata={"sim_output_tokens": str(out)},
+    )
+    return Assignment(
+        request=req,
+        instance_id=iid,
+        decision_id=f"d-{rid}",
+        dispatched_at=now,
+        deadline=now + slo_s,
+        predicted_output_tokens=out,
+    )
+
+
+class Tap:
+    """Reads a topic from its start (topics are unique per test) without a group."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.consumer: TypedConsumer[Message] = TypedConsumer(
+            settings=settings, topics=topic, group_id=None, service="test-tap"
+        )
+        self.seen: list[Any] = []
+
+    async def __aenter__(self) -> Tap:
+        await self.consumer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
+
+    async def until(self, pred: Any, *, within_s: float = 20.0) -> list[Any]:
+        """Read until ``pred(seen)`` holds; returns everything seen so far."""
+        end = time.monotonic() + within_s
+        while not pred(self.seen):
+            if time.monotonic() > end:
+                raise AssertionError(f"timed out; saw {len(self.seen)} records")
+            self.seen += [e.msg for e in await self.consumer.getmany(timeout_ms=100)]
+        return self.seen
+
+    async def quiet(self, s: float = 0.7) -> list[Any]:
+        """Everything that arrives until nothing does for ``s`` seconds."""
+        end = time.monotonic() + s
+        while time.monotonic() < end:
+            batch = await self.consumer.getmany(timeout_ms=100)
+            if batch:
+                self.seen += [e.msg for e in batch]
+                end = time.monotonic() + s
+        return self.seen
+
+
+async def inflight(w: WorkerService, within_s: float = 10.0) -> None:
+    end = time.monotonic() + within_s
+    while not w.inflight():
+        assert time.monotonic() < end, "nothing became in-flight"
+        await asyncio.sleep(0.02)
+
+
+async def prepare(settings: Settings) -> TypedProducer:
+    await ensure_topics(settings)
+    p = TypedProducer(settings=settings)
+    await p.start()
+    return p
+
+
+def test_constructor_validates_without_io() -> None:
+    s = Settings(bootstrap_servers="127.0.0.1:1")
+    eng = SimulatedEngine(instance_id="x", gpu="A40", time_scale=0.1)
+    with pytest.raises(ConfigError):
+        WorkerService(settings=s, instance_id="", engine=eng, gpu="A40", model=MODEL)
+    with pytest.raises(ConfigError):
+        WorkerService(
+            settings=s, instance_id="x", engine=eng, gpu="A40", model=MODEL, heartbeat_period_s=0
+        )
+    with pytest.raises(ConfigError):
+        WorkerService(settings=s, instance_id="x", engine=object(), gpu="A40", model=MODEL)
+    WorkerService(settings=s, instance_id="x", engine=eng, gpu="A40", model=MODEL)
+
+
+async def test_results_heartbeats_and_dead_letters(kafka_settings: Settings) -> None:
+    s = kafka_settings
+    prod = await prepare(s)
+    topic = s.instance_topic("w1")
+    try:
+        async with (
+            worker(s, "w1") as w,
+            Tap(s, s.results_topic) as results,
+            Tap(s, s.heartbeats_topic) as hbs,
+            Tap(s, s.dead_letters_topic) as dls,
+        ):
+            sent = {
+                "r-a": assignment("w1", "r-a", out=40),
+                "r-b": assignment("w1", "r-b", out=2000, max_tokens=4096),  # long: seen in beats
+                "r-c": assignment("w1", "r-c", out=500, max_tokens=25),
+            }
+            for a in sent.values():
+                await prod.send(topic, a, key=a.request.request_id)
+            await prod.send(topic, sent["r-a"], key="r-a")  # duplicate: must not run twice
+            await prod.send_raw(topic, b"{not json", key="junk")
+            future = encode(assignment("w1", "r-v", out=5)).replace(b'"v":1', b'"v":99')
+            await prod.send_raw(topic, future, key="r-v")
+            await prod.send(topic, assignment("other", "r-x", out=5), key="r-x")
+            await prod.send(topic, assignment("w1", "r-d", out=3), key="r-d")  # still serving
+
+            await results.until(lambda seen: len(seen) >= 4)
+            got = await results.quiet()
+            assert sorted(r.request_id for r in got) == ["r-a", "r-b", "r-c", "r-d"]
+            by = {r.request_id: r for r in got}
+            for rid, want in (("r-a", 40), ("r-b", 2000), ("r-c", 25), ("r-d", 3)):
+                r: Result = by[rid]
+                assert r.status == "ok" and r.instance_id == "w1" and r.decision_id == f"d-{rid}"
+                assert r.output_tokens == want == len(r.output_token_ids)
+                assert r.output_token_ids == [synthetic_token_id(rid, i) for i in range(want)]
+                assert r.input_tokens == 64 and r.finish_reason == "length"
+                assert r.arrival is not None and r.dispatched_at is not None
+                assert r.first_token_at is not None and r.finished_at is not None
+                assert r.arrival <= r.dispatched_at <= r.first_token_at <= r.finished_at
+                assert r.met_deadline is True and r.migrations == 0
+            assert w.duplicates_dropped == 1
+
+            dl = await dls.until(lambda seen: len(seen) >= 3)
+            codes = sorted(d.error_code for d in dl if isinstance(d, DeadLetter))
+            assert codes == ["malformed", "unknown_instance", "unsupported_version"]
+
+            beats = await hbs.until(lambda seen: any(h.requests for h in seen) and len(seen) >= 3)
+            assert all(isinstance(h, Heartbeat) and h.instance_id == "w1" for h in beats)
+            seqs = [h.seq for h in beats]
+            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+            prog = [p for h in beats for p in h.requests]
+            assert {p.request_id for p in prog} <= {"r-a", "r-b", "r-c", "r-d"}
+            assert any(p.generated > 0 and p.deadline > 0 for p in prog)
+            assert beats[-1].max_batch > 0 and beats[-1].kv_total_blocks > 0
+    finally:
+        await prod.stop()
+
+
+async def test_migration_moves_request_to_target(kafka_settings: Settings) -> None:
+    s = kafka_settings
+    prod = await prepare(s)
+    try:
+        async with (
+            worker(s, "src", gpu="V100", scale=0.05) as src,
+            worker(s, "dst", gpu="H100", scale=0.02) as dst,
+            Tap(s, s.results_topic) as results,
+            Tap(s, s.heartbeats_topic) as hbs,
+            Tap(s, s.checkpoints_topic) as ckpts,
+        ):
+            a = assignment("src", "r-m", out=3000, max_tokens=4096)
+            await prod.send(s.instance_topic("src"), a, key="r-m")
+            # wait until the source reports progress, then migrate mid-run
+            await hbs.until(
+                lambda seen: any(
+                    p.request_id == "r-m" and p.generated > 20
+                    for h in seen
+                    if h.instance_id == "src"
+                    for p in h.requests
+                )
+            )
+            cmd = MigrationCommand(
+                migration_id="m-1", request_id="r-m", source="src", target="dst", at=time.time()
+            )
+            await prod.send(s.instance_topic("src"), cmd, key="r-m")
+            got = await results.until(lambda seen: len(seen) >= 1)
+            got = await results.quiet(1.0)
+            assert len(got) == 1
+            r: Result = got[0]
+            assert r.instance_id == "dst" and r.status == "ok" and r.migrations == 1
+            assert r.output_tokens == 3000
+            assert r.output_token_ids == [synthetic_token_id("r-m", i) for i in range(3000)]
+            assert r.dispatched_at == a.dispatched_at and r.deadline == a.deadline
+            ck = await ckpts.until(lambda seen: len(seen) >= 1)
+            c: Checkpoint = ck[0]
+            assert c.source == "src" and c.target == "dst" and c.migrations == 1
+            assert 20 < len(c.generated_token_ids) < 3000
+            assert src.migrated_out == 1 and src.results_produced == 0
+            assert dst.results_produced == 1
+            # a command for a request that is not running here is ignored
+            await prod.send(s.instance_topic("src"), cmd, key="r-m")
+            assert len(await results.quiet(0.5)) == 1
+    finally:
+        await prod.stop()
+
+
+async def test_graceful_stop_drains_and_restart_does_not_rerun(kafka_settings: Settings) -> None:
+    s = kafka_settings
+    prod = await prepare(s)
+    topic = s.instance_topic("w2")
+    try:
+        async with Tap(s, s.results_topic) as results, Tap(s, s.heartbeats_topic) as hbs:
+            w = worker(s, "w2")
+            await w.start()
+            for i in range(3):
+                a = assignment("w2", f"r-{i}", out=300)
+                await prod.send(topic, a, key=a.request.request_id)
+            await inflight(w)
+            await w.stop(drain_timeout_s=20.0)  # what was taken finishes, then it stops
+            await w.stop()  # idempotent
+            first = [r.request_id for r in await results.quiet(0.3)]
+            assert first and len(first) == len(set(first)) == w.results_produced
+            beats = await hbs.quiet(0.3)
+            assert beats[-1].draining is True and beats[-1].instance_id == "w2"
+
+            w2 = worker(s, "w2")  # same group: committed work is not re-read, the rest is
+            async with w2:
+                await prod.send(topic, assignment("w2", "r-new", out=5), key="r-new")
+                await results.until(lambda seen: len(seen) >= 4)
+                got = await results.quiet(0.7)
+            assert sorted(r.request_id for r in got) == ["r-0", "r-1", "r-2", "r-new"]
+            assert w2.results_produced == 4 - len(first)
+    finally:
+        await prod.stop()
+
+
+async def test_drain_timeout_checkpoints_for_reissue(kafka_settings: Settings) -> None:
+    s = kafka_settings
+    prod = await prepare(s)
+    try:
+        async with Tap(s, s.checkpoints_topic) as ckpts, Tap(s, s.results_topic) as results:
+            w = worker(s, "w3", gpu="V100", scale=0.05)
+            await w.start()
+            await prod.send(s.instance_topic("w3"), assignment("w3", "r-long", out=5000), key="r")
+            await inflight(w)
+            await prod.send(s.instance_topic("w3"), assignment("w3", "r-ab", out=5000), key="a")
+            for _ in range(200):
+                if "r-ab" in w.inflight():
+                    break
+                await asyncio.sleep(0.02)
+            assert await w.abort("r-ab") is True and await w.abort("nope") is False
+            aborted = await results.until(lambda seen: len(seen) >= 1)
+            assert aborted[0].request_id == "r-ab" and aborted[0].status == "aborted"
+            assert aborted[0].finish_reason == "abort" and aborted[0].met_deadline is False
+            await w.stop(drain_timeout_s=0.1)
+            ck = await ckpts.until(lambda seen: len(seen) >= 1)
+            assert ck[0].request_id == "r-long" and ck[0].target is None
+            assert ck[0].generated_token_ids
+            assert len(await results.quiet(0.3)) == 1  # only the aborted one
+    finally:
+        await prod.stop()
+
+
+def test_worker_command_builds_service() -> None:
+    from goodserve.cli import build_parser
+    from goodserve.commands.worker import build_worker
+
+    argv = ["worker", "--instance-id", "w9", "--gpu", "A40", "--time-scale", "0.1"]
+    args = build_parser().parse_args([*argv, "--bootstrap-servers", "h:1", "--heartbeat-s", "2"])
+    svc = build_worker(args)
+    assert isinstance(svc, WorkerService)
+    assert (svc.instance_id, svc.gpu, svc.model, svc.engine.name) == (
+        "w9",
+        "A40",
+        "llama-2-7b",
+        "simulated",
+    )
+    assert svc.heartbeat_period_s == 2.0 and svc.settings.bootstrap_servers == "h:1"
+    assert build_parser().parse_args(["worker", "--instance-id", "x", "--engine", "vllm"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "--engine", "sim"])  # --instance-id required

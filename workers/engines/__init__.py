@@ -1,0 +1,1 @@
+"""Engines behind a worker: vLLM (in process), simulated (performance model), OpenAI backend."""
