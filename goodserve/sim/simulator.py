@@ -27,6 +27,7 @@ from goodserve.perf.latency import PerfModel
 from goodserve.schemas import AgentRequest, Decision, Heartbeat, RequestProgress
 from goodserve.sim.fleet import Fleet
 from goodserve.sim.instance import SimInstance, SimRequest
+from goodserve.sim.kvcache import block_hashes_for_key
 from goodserve.sim.oracle import OracleInput, OraclePredictor
 from goodserve.sim.trace import TraceRow
 
@@ -300,12 +301,15 @@ class Simulator:
         self._submit(self.by_id[out.instance_id], sreq, t)
 
     def _block_hashes(self, row: TraceRow) -> list[int] | None:
-        """Prefix-cache keys: a workflow's steps extend one context stream (see docs/traces.md)."""
+        """Prefix-cache keys: a workflow's steps extend one context stream (see docs/traces.md).
+
+        The live dispatcher's keys for a request known by workflow id and token count
+        (``block_hashes_for_key``): stable across processes, so runs are reproducible.
+        """
         if row.workflow_id is None:
             return None
         bs = self.instances[0].block_size
-        base = hash(row.workflow_id) & 0xFFFFFFFF
-        return [(base << 20) ^ j for j in range(row.input_tokens // bs)]
+        return block_hashes_for_key(row.workflow_id, row.input_tokens, bs)
 
     def _submit(self, k: int, sreq: SimRequest, t: float) -> None:
         self.instances[k].submit(sreq, t)
