@@ -1,8 +1,10 @@
 """Instance estimator: what each instance will do to a request sent to it now.
 
 Resource side of GoodServe. Per instance it keeps EMA-smoothed, black-box
-estimates of queueing delay, prefill time per token and time per output token
-(as a linear function of batch size), seeded from the GPU performance model and
+estimates of queueing delay, prefill time (linear plus the attention's quadratic
+term in the prompt length) and time per output token (linear in the batch size and
+in the KV tokens the batch attends to: at a 4k-token context a decode step costs
+about four times what it costs at 512), seeded from the GPU performance model and
 corrected from heartbeats and completions. State is a struct of numpy arrays, one
 slot per instance, so that a routing decision over 512 instances is a handful of
 vector operations (the router must make >= 20,000 decisions/s).
@@ -58,8 +60,34 @@ def perf_model_for(gpu: str, model: str) -> PerfModel:
 DEFAULT_ALPHA = 0.3
 # An instance without a heartbeat for this long is stale: excluded from routing.
 DEFAULT_STALE_AFTER_S = 3.0
-# Context length assumed when fitting the TPOT line from the performance model.
+# Per-request contexts (tokens) at which the TPOT plane is fitted to the performance model.
 _FIT_CONTEXT = 512
+_FIT_LONG_CONTEXT = 4096
+# Prompt lengths at which the prefill curve is fitted (least relative squares).
+_FIT_PROMPTS = (32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0)
+
+
+def fit_tpot(perf: PerfModel) -> tuple[float, float, float]:
+    """(d0, d1, dc): TPOT(B, C) = d0 + d1 * B + dc * C for B sequences holding C KV tokens."""
+    b1 = perf.decode_step_time(1, _FIT_CONTEXT)
+    b64 = perf.decode_step_time(64, 64 * _FIT_CONTEXT)
+    b64_long = perf.decode_step_time(64, 64 * _FIT_LONG_CONTEXT)
+    dc = max((b64_long - b64) / (64.0 * (_FIT_LONG_CONTEXT - _FIT_CONTEXT)), 0.0)
+    d1 = max((b64 - b1 - dc * (63.0 * _FIT_CONTEXT)) / 63.0, 0.0)
+    d0 = max(b1 - d1 - dc * _FIT_CONTEXT, 1e-6)
+    return d0, d1, dc
+
+
+def fit_prefill(perf: PerfModel) -> tuple[float, float, float]:
+    """(pb, pf, pq): prefill(L) = pb + pf * L + pq * L**2, fitted on relative error."""
+    xs = np.array(_FIT_PROMPTS)
+    ys = np.array([perf.prefill_time(int(x)) for x in xs])
+    pq, pf, pb = (float(c) for c in np.polyfit(xs, ys, 2, w=1.0 / ys))
+    if pq < 0.0 or pf <= 0.0:  # no usable curvature: the straight line through the ends
+        pq = 0.0
+        pf = max((ys[1] - ys[0]) / (xs[1] - xs[0]), 1e-9)
+        pb = float(ys[0] - pf * xs[0])
+    return max(pb, 0.0), pf, pq
 
 
 @dataclass(slots=True)
@@ -117,10 +145,12 @@ class FleetEstimator:
         self.speed = np.zeros(n)  # relative speed: 1 / model TPOT at batch 1
         self.max_batch = np.zeros(n)
         self.kv_total = np.zeros(n)  # tokens of KV capacity
-        self.d0 = np.zeros(n)  # TPOT(B) = (d0 + d1 * B) * tpot_corr
+        self.d0 = np.zeros(n)  # TPOT(B, C) = (d0 + d1 * B + dc * C) * tpot_corr
         self.d1 = np.zeros(n)
+        self.dc = np.zeros(n)  # TPOT seconds per KV token the batch attends to
         self.pf = np.zeros(n)  # prefill seconds per token (model)
         self.pb = np.zeros(n)  # prefill fixed seconds (model)
+        self.pq = np.zeros(n)  # prefill seconds per token squared (attention)
         # Learned corrections and observed state
         self.tpot_corr = np.ones(n)
         self.tpot_corr_base = np.ones(n)  # slow EMA of tpot_corr: a jump above it = slowdown
@@ -170,13 +200,8 @@ class FleetEstimator:
         self.infos.append(InstanceInfo(instance_id, gpu, model, perf))
         self.index[instance_id] = slot
         b1 = perf.decode_step_time(1, _FIT_CONTEXT)
-        b64 = perf.decode_step_time(64, 64 * _FIT_CONTEXT)
-        d1 = max((b64 - b1) / 63.0, 0.0)
-        d0 = max(b1 - d1, 1e-6)
-        p_small = perf.prefill_time(64)
-        p_big = perf.prefill_time(2048)
-        pf = max((p_big - p_small) / (2048 - 64), 1e-9)
-        pb = max(p_small - pf * 64, 0.0)
+        d0, d1, dc = fit_tpot(perf)
+        pb, pf, pq = fit_prefill(perf)
         kv_tokens = float(perf.kv_capacity_tokens())
         is_alive = (not self.require_heartbeat) if alive is None else alive
 
@@ -188,8 +213,10 @@ class FleetEstimator:
         self.kv_total = grow(self.kv_total, kv_tokens)
         self.d0 = grow(self.d0, d0)
         self.d1 = grow(self.d1, d1)
+        self.dc = grow(self.dc, dc)
         self.pf = grow(self.pf, pf)
         self.pb = grow(self.pb, pb)
+        self.pq = grow(self.pq, pq)
         self.tpot_corr = grow(self.tpot_corr, 1.0)
         self.tpot_corr_base = grow(self.tpot_corr_base, 1.0)
         self.prefill_corr = grow(self.prefill_corr, 1.0)
@@ -220,12 +247,33 @@ class FleetEstimator:
         return self.index[instance_id]
 
     # ---------------------------------------------------------------- model
-    def tpot(self, batch: np.ndarray | float) -> np.ndarray:
-        """Estimated time per output token of every instance at the given batch size."""
-        return (self.d0 + self.d1 * batch) * self.tpot_corr
+    def batch_context(self) -> np.ndarray:
+        """KV tokens the running batch attends to: the reported KV in use, at most the cache."""
+        return np.minimum(self.hb_kv_used, self.kv_total)
 
-    def prefill(self, tokens: np.ndarray | float) -> np.ndarray:
-        return (self.pb + self.pf * tokens) * self.prefill_corr
+    def tpot(
+        self, batch: np.ndarray | float, context: np.ndarray | float | None = None
+    ) -> np.ndarray:
+        """Estimated time per output token of every instance at the given batch size.
+
+        ``context``: KV tokens the batch attends to (default: what each instance holds now).
+        """
+        ctx = self.batch_context() if context is None else context
+        return (self.d0 + self.d1 * batch + self.dc * ctx) * self.tpot_corr
+
+    def prefill(self, tokens: np.ndarray | float, cached: np.ndarray | float = 0.0) -> np.ndarray:
+        """Prefill time of ``tokens`` new prompt tokens after ``cached`` tokens of prefix.
+
+        The quadratic term is attention: the n new tokens attend to the cached prefix and
+        to each other, n * (2c + n) in units where a fresh prompt of L costs L**2.
+        """
+        return (
+            self.pb + self.pf * tokens + self.pq * tokens * (2.0 * cached + tokens)
+        ) * self.prefill_corr
+
+    def own_context_tpot(self, input_tokens: float, output_tokens: float) -> np.ndarray:
+        """What a request's own KV adds to every instance's TPOT (mean context while decoding)."""
+        return self.dc * self.tpot_corr * (input_tokens + 0.5 * output_tokens)
 
     def active(self) -> np.ndarray:
         """Requests on each instance: heartbeat counts or our own tracking, whichever is larger."""
@@ -244,24 +292,23 @@ class FleetEstimator:
         over = np.maximum(batch_after - lim, 0.0)
         mean_rem = self.rem_tokens / np.maximum(self.n_active, 1.0)
         wait_slots = over / lim * mean_rem * self.tpot(lim)
-        return (
-            self.queue_s
-            + wait_slots
-            + self.prefill(self.pending_prefill)
-            - self.pb * (self.pending_prefill > 0)
-        )
+        # pending prompts of several requests: their linear cost (no cross-request attention)
+        pending = (self.pb + self.pf * self.pending_prefill) * self.prefill_corr
+        return self.queue_s + wait_slots + pending - self.pb * (self.pending_prefill > 0)
 
     def estimate(
         self, input_tokens: float, output_tokens: float, cached: np.ndarray | float = 0.0
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(queue, prefill, tpot, finish) in seconds for a new request on every instance.
 
-        Queueing and TPOT do not depend on the request: they are kept per instance and
-        refreshed (scalar math) whenever that instance's state changes, so a decision
-        costs a few vector operations however large the fleet.
+        Queueing and the batch's TPOT do not depend on the request: they are kept per
+        instance and refreshed (scalar math) whenever that instance's state changes, so a
+        decision costs a few vector operations however large the fleet; the request's own
+        context adds its share of attention to the TPOT.
         """
-        q, d = self.q_cache, self.d_cache
-        p = self.prefill(np.maximum(input_tokens - cached, 1.0))
+        q = self.q_cache
+        d = self.d_cache + self.own_context_tpot(input_tokens, output_tokens)
+        p = self.prefill(np.maximum(input_tokens - cached, 1.0), cached)
         return q, p, d, (q + p + d * output_tokens) * self.finish_corr
 
     def _refresh(self, i: int) -> None:
@@ -272,11 +319,12 @@ class FleetEstimator:
         lim = min(max(float(self.kv_total[i]) / max(mean_ctx, 1.0), 1.0), float(self.max_batch[i]))
         after = active + 1.0
         d0, d1, tc = float(self.d0[i]), float(self.d1[i]), float(self.tpot_corr[i])
+        ctx = float(self.dc[i]) * min(float(self.hb_kv_used[i]), float(self.kv_total[i]))
         wait = (
             max(after - lim, 0.0)
             / lim
             * (float(self.rem_tokens[i]) / max(n, 1.0))
-            * ((d0 + d1 * lim) * tc)
+            * ((d0 + d1 * lim + ctx) * tc)
         )
         pend = float(self.pending_prefill[i])
         pb = float(self.pb[i])
@@ -284,7 +332,7 @@ class FleetEstimator:
             pb if pend > 0 else 0.0
         )
         self.q_cache[i] = float(self.queue_s[i]) + wait + pre
-        self.d_cache[i] = (d0 + d1 * min(after, lim)) * tc
+        self.d_cache[i] = (d0 + d1 * min(after, lim) + ctx) * tc
 
     def refresh_all(self) -> None:
         for i in range(len(self.infos)):
@@ -360,9 +408,11 @@ class FleetEstimator:
         active = max(self.n_active[i], self.hb_running[i] + self.hb_waiting[i])
         mean_ctx = self.ctx_tokens[i] / self.n_active[i] if self.n_active[i] > 0 else 1024.0
         batch = min(active, self.max_batch[i], max(self.kv_total[i] / max(mean_ctx, 1.0), 1.0))
-        t = (self.d0[i] + self.d1[i] * batch) * self.tpot_corr[i] * rem
+        ctx = min(self.hb_kv_used[i], self.kv_total[i])
+        t = (self.d0[i] + self.d1[i] * batch + self.dc[i] * ctx) * self.tpot_corr[i] * rem
         if not tr.started:
-            t += (self.pb[i] + self.pf[i] * tr.input_tokens) * self.prefill_corr[i]
+            n = tr.input_tokens
+            t += (self.pb[i] + self.pf[i] * n + self.pq[i] * n * n) * self.prefill_corr[i]
         return float(tr.deadline - now - t)
 
     def _forget(self, tr: TrackedRequest) -> None:
@@ -400,7 +450,10 @@ class FleetEstimator:
         )
         a = self.alpha
         if prefill_s is not None and prefill_s > 0:
-            model = float(self.pb[i] + self.pf[i] * max(tr.input_tokens - tr.cached_tokens, 1))
+            new = max(tr.input_tokens - tr.cached_tokens, 1)
+            model = float(
+                self.pb[i] + self.pf[i] * new + self.pq[i] * new * (2 * tr.cached_tokens + new)
+            )
             self.prefill_corr[i] = (1 - a) * self.prefill_corr[i] + a * _clip(prefill_s / model)
         if queue_s is not None:
             self.queue_s[i] = (1 - a) * self.queue_s[i] + a * max(queue_s, 0.0)
@@ -422,7 +475,8 @@ class FleetEstimator:
         if decode_s is not None and output_tokens and output_tokens > 1:
             observed = decode_s / (output_tokens - 1)
             batch = max(min(float(self.active()[i]), float(self.max_batch[i])), 1.0)
-            model = float(self.d0[i] + self.d1[i] * batch)
+            ctx = min(float(self.hb_kv_used[i]), float(self.kv_total[i]))
+            model = float(self.d0[i] + self.d1[i] * batch + self.dc[i] * ctx)
             self.tpot_corr[i] = (1 - self.alpha) * self.tpot_corr[i] + self.alpha * _clip(
                 observed / model
             )
@@ -447,9 +501,15 @@ class FleetEstimator:
         if hb.kv_total_blocks:
             self.kv_total[i] = hb.kv_total_blocks * hb.kv_block_size
             self.hb_kv_used[i] = hb.kv_used_blocks * hb.kv_block_size
+        else:
+            # no KV gauges (e.g. an HTTP backend): our requests' KV, a typical context for others
+            reqs = self.infos[i].requests
+            ours = sum(tr.input_tokens + tr.generated for tr in reqs.values())
+            self.hb_kv_used[i] = ours + max(hb.running - len(reqs), 0) * _FIT_CONTEXT
         if hb.tpot_s > 0 and hb.running > 0:
             batch = min(float(hb.running), float(self.max_batch[i]))
-            model = float(self.d0[i] + self.d1[i] * batch)
+            ctx = min(float(self.hb_kv_used[i]), float(self.kv_total[i]))
+            model = float(self.d0[i] + self.d1[i] * batch + self.dc[i] * ctx)
             self.tpot_corr[i] = (1 - self.alpha) * self.tpot_corr[i] + self.alpha * _clip(
                 hb.tpot_s / model
             )
@@ -520,6 +580,8 @@ class FleetEstimator:
                 "prefill_corr",
                 "d0",
                 "d1",
+                "dc",
+                "pq",
                 "tpot_corr",
                 "speed",
                 "n_active",
@@ -551,6 +613,8 @@ class FleetEstimator:
                     prefill_corr=cols["prefill_corr"][i],
                     tpot_base_s=cols["d0"][i],
                     tpot_slope_s=cols["d1"][i],
+                    tpot_ctx_s=cols["dc"][i],
+                    prefill_quad_s=cols["pq"][i],
                     tpot_corr=cols["tpot_corr"][i],
                     speed=cols["speed"][i],
                     outstanding=int(cols["n_active"][i]),
@@ -590,6 +654,8 @@ class FleetEstimator:
         est.prefill_corr = col("prefill_corr")
         est.d0 = col("tpot_base_s")
         est.d1 = col("tpot_slope_s")
+        est.dc = col("tpot_ctx_s")
+        est.pq = col("prefill_quad_s")
         est.tpot_corr = col("tpot_corr")
         est.speed = col("speed")
         est.n_active = col("outstanding")

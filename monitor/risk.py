@@ -225,11 +225,12 @@ class RiskMonitor:
             move = kv_bytes * context / (cfg.kv_gbps * 1e9 / 8)
         else:
             move = est.prefill(float(context))
-        tpot = est.tpot(np.minimum(batch_after, lim))
+        own = est.own_context_tpot(float(context), rem)
+        tpot = est.tpot(np.minimum(batch_after, lim)) + own
         finish = cfg.overhead_s + q + move + tpot * rem
         left = tr.deadline - now
-        # protect the target's own requests: one more in the batch slows each token
-        delay = est.d1 * est.tpot_corr * np.minimum(est.rem_at_min, rem) + move
+        # protect the target's own requests: one more in the batch (and its KV) slows each token
+        delay = (est.d1 * est.tpot_corr + own) * np.minimum(est.rem_at_min, rem) + move
         protects = (est.min_slack - delay >= 0.0) | (est.min_slack < 0.0)
         ok = usable & protects & (finish * (1 + cfg.margin_rel) <= left)
         ok[tr.slot] = False

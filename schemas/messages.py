@@ -127,8 +127,11 @@ class InstanceView(msgspec.Struct, kw_only=True):
 
     Raw model coefficients and their learned corrections are kept apart so that a
     replay repeats the very same float operations (bit-for-bit decisions).
-    TPOT(B) = (tpot_base_s + tpot_slope_s * B) * tpot_corr;
-    prefill(L) = (prefill_base_s + prefill_s_per_token * L) * prefill_corr.
+    TPOT(B, C) = (tpot_base_s + tpot_slope_s * B + tpot_ctx_s * C) * tpot_corr for a batch
+    of B sequences attending to C KV tokens (C = min(kv_used_tokens, kv_total_tokens));
+    prefill(n after c cached) = (prefill_base_s + prefill_s_per_token * n
+    + prefill_quad_s * n * (2c + n)) * prefill_corr. Records written before the context
+    terms existed have them at 0, which replays those records as they were decided.
     """
 
     instance_id: str
@@ -156,6 +159,8 @@ class InstanceView(msgspec.Struct, kw_only=True):
     cached_tokens: int = 0
     ctx_tokens: float = 0.0
     finish_corr: float = 1.0
+    tpot_ctx_s: float = 0.0
+    prefill_quad_s: float = 0.0
 
 
 class Decision(Message, tag="decision", kw_only=True):

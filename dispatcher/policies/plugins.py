@@ -76,9 +76,9 @@ class MeetsDeadline:
 class ProtectsResidents:
     """Adding the request does not push the tightest request already there past its deadline.
 
-    The new request makes every decode step slower by the TPOT slope and stalls the
-    batch for its prefill. Instances whose tightest request is already late are not
-    protected (nothing to save there).
+    The new request makes every decode step slower by the TPOT slope plus the attention
+    over its own KV, and stalls the batch for its prefill. Instances whose tightest
+    request is already late are not protected (nothing to save there).
     """
 
     name: str = "protects-residents"
@@ -86,7 +86,10 @@ class ProtectsResidents:
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
         est = ctx.est
         _, prefill, _, _ = ctx.estimates()
-        delay = est.d1 * est.tpot_corr * np.minimum(est.rem_at_min, ctx.planned_tokens) + prefill
+        per_token = est.d1 * est.tpot_corr + est.own_context_tpot(
+            ctx.input_tokens, ctx.planned_tokens
+        )
+        delay = per_token * np.minimum(est.rem_at_min, ctx.planned_tokens) + prefill
         ok = (est.min_slack - delay >= 0.0) | (est.min_slack < 0.0)
         return mask & ok
 
