@@ -78,9 +78,7 @@ def _log_quantile_fn(pred: LengthPrediction) -> tuple[float, float, float, float
     return a, b, s1, s2
 
 
-def conditional_remaining(
-    pred: LengthPrediction, generated: int | float, q: float = 0.9
-) -> float:
+def conditional_remaining(pred: LengthPrediction, generated: int | float, q: float = 0.9) -> float:
     """Remaining-token q-quantile given ``generated`` tokens already produced.
 
     The predicted distribution is log1p(L) piecewise linear in the normal score through
@@ -214,8 +212,16 @@ class _Forest:
 
     @staticmethod
     def _fill(
-        tree: dict[str, Any], node: int, pos: int, level: int, d: int, off: int,
-        feat: np.ndarray, thr: np.ndarray, val: np.ndarray, group: int,
+        tree: dict[str, Any],
+        node: int,
+        pos: int,
+        level: int,
+        d: int,
+        off: int,
+        feat: np.ndarray,
+        thr: np.ndarray,
+        val: np.ndarray,
+        group: int,
         leaf_of: dict[int, list[float]],
     ) -> None:
         left = tree["left_children"][node]
@@ -227,17 +233,28 @@ class _Forest:
                     val[group, off + pos] = tree["split_conditions"][node]
             else:
                 for child in (2 * pos + 1, 2 * pos + 2):
-                    _Forest._fill(tree, node, child, level + 1, d, off, feat, thr, val, group,
-                                  leaf_of)
+                    _Forest._fill(
+                        tree, node, child, level + 1, d, off, feat, thr, val, group, leaf_of
+                    )
             return
         if tree.get("split_type") and tree["split_type"][node]:
             raise ValueError("categorical splits are not supported")
         feat[off + pos] = tree["split_indices"][node]
         thr[off + pos] = np.float32(tree["split_conditions"][node])
-        _Forest._fill(tree, left, 2 * pos + 1, level + 1, d, off, feat, thr, val, group,
-                      leaf_of)
-        _Forest._fill(tree, tree["right_children"][node], 2 * pos + 2, level + 1, d, off,
-                      feat, thr, val, group, leaf_of)
+        _Forest._fill(tree, left, 2 * pos + 1, level + 1, d, off, feat, thr, val, group, leaf_of)
+        _Forest._fill(
+            tree,
+            tree["right_children"][node],
+            2 * pos + 2,
+            level + 1,
+            d,
+            off,
+            feat,
+            thr,
+            val,
+            group,
+            leaf_of,
+        )
 
     def margin_row(self, row: np.ndarray) -> np.ndarray:
         """Raw margins of one float32 row, shape (n_out,)."""
@@ -311,8 +328,9 @@ class OutputLengthPredictor(_Base):
         self.history = F.History()
         self.featurizer = F.Featurizer(ngram_weights)
         self.online_calibration = online_calibration
-        self.hint_weight = float(meta.get("hint_weight", 1.0) if hint_weight is None
-                                 else hint_weight)
+        self.hint_weight = float(
+            meta.get("hint_weight", 1.0) if hint_weight is None else hint_weight
+        )
         self.calib_rate = 0.02
         self._calib: dict[str, float] = {}  # per task bucket: extra log1p shift of p90/p99
         self._last: tuple[PredictorInput, list[float]] | None = None
@@ -434,9 +452,7 @@ class OutputLengthPredictor(_Base):
             cur = self._calib.get(tb, 0.0) + self.calib_rate * (miss - 0.1)
             self._calib[tb] = min(max(cur, -2.0), 2.0)
         self._last = None
-        self.history.observe(
-            x.task, x.workflow_id, x.step, actual_output_tokens, x.model, x.prompt
-        )
+        self.history.observe(x.task, x.workflow_id, x.step, actual_output_tokens, x.model, x.prompt)
 
     def calibration_shifts(self) -> dict[str, float]:
         """The online P90/P99 log1p shifts per task bucket (record them for replay)."""
