@@ -54,15 +54,21 @@ def test_predict_features_is_deterministic_and_batch_independent(
 ) -> None:
     rng = random.Random(0)
     xs = [
-        _x(input_tokens=rng.randint(1, 4000), task=rng.choice(F.TASKS), step=rng.randint(0, 5),
-           prompt=" ".join(rng.choices(["write", "sql", "list", "why", "code", "a"], k=30)))
+        _x(
+            input_tokens=rng.randint(1, 4000),
+            task=rng.choice(F.TASKS),
+            step=rng.randint(0, 5),
+            prompt=" ".join(rng.choices(["write", "sql", "list", "why", "code", "a"], k=30)),
+        )
         for _ in range(300)
     ]
     feats = [shipped.features(x) for x in xs]
     batch = shipped.predict_features(feats)
     single = [shipped.predict_features([f])[0] for f in feats]
     assert batch == single  # bit-identical whatever the batch
-    chunks = [p for i in range(0, len(feats), 7) for p in shipped.predict_features(feats[i:i + 7])]
+    chunks = [
+        p for i in range(0, len(feats), 7) for p in shipped.predict_features(feats[i : i + 7])
+    ]
     assert chunks == batch
     fresh = OutputLengthPredictor.default()
     assert fresh.predict_features(feats) == batch
@@ -79,9 +85,15 @@ def test_compiled_forest_matches_xgboost(shipped: OutputLengthPredictor) -> None
     booster = xgb.Booster()
     booster.load_model(bytearray(gzip.decompress((default_model_dir() / MODEL_FILE).read_bytes())))
     rng = np.random.default_rng(1)
-    xs = [_x(input_tokens=int(rng.integers(1, 5000)), task=str(rng.choice(F.TASKS)),
-             model=f"m{i % 7}", prompt="write a story " * int(rng.integers(0, 40)))
-          for i in range(200)]
+    xs = [
+        _x(
+            input_tokens=int(rng.integers(1, 5000)),
+            task=str(rng.choice(F.TASKS)),
+            model=f"m{i % 7}",
+            prompt="write a story " * int(rng.integers(0, 40)),
+        )
+        for i in range(200)
+    ]
     x = np.asarray([shipped.features(v) for v in xs], dtype=np.float32)
     ours = shipped._forest.margin(x)
     theirs = booster.inplace_predict(x).reshape(ours.shape)
@@ -105,7 +117,8 @@ def test_hint_blends_median_and_keeps_spread(shipped: OutputLengthPredictor) -> 
     hinted = shipped.predict(_x(output_tokens_hint=900))
     assert hinted.p50 == pytest.approx(900.0)
     assert math.log1p(hinted.p90) - math.log1p(hinted.p50) == pytest.approx(
-        math.log1p(base.p90) - math.log1p(base.p50), abs=1e-9)
+        math.log1p(base.p90) - math.log1p(base.p50), abs=1e-9
+    )
     assert shipped.predict(_x(output_tokens_hint=None)) == base
     half = OutputLengthPredictor.default()
     half.hint_weight = 0.5
@@ -117,11 +130,11 @@ def test_observe_changes_history_features() -> None:
     p = OutputLengthPredictor.default()
     x = _x(task="agent", workflow_id="wf-1", step=2, model="llama-3-8b")
     before = p.features(x)
-    h0 = before[F.HISTORY_OFFSET:]
+    h0 = before[F.HISTORY_OFFSET :]
     assert h0[0] == F.NO_HISTORY and h0[1] == 0.0
     for n in (300, 320, 310):
         p.observe(x, n)
-    after = p.features(x)[F.HISTORY_OFFSET:]
+    after = p.features(x)[F.HISTORY_OFFSET :]
     assert after[0] == pytest.approx(math.log1p(310), abs=0.1)
     assert after[1] == pytest.approx(math.log1p(3))
     assert after[3] != F.NO_HISTORY and after[5] != F.NO_HISTORY  # step and model keys
@@ -171,7 +184,8 @@ def test_conditional_remaining_monotone() -> None:
     # p99 absent: derived from p50/p90
     assert conditional_remaining(LengthPrediction(100.0, 300.0), 50, 0.9) > 0
     assert ConstantPredictor(100).conditional_remaining(pred, 100) == conditional_remaining(
-        pred, 100)
+        pred, 100
+    )
 
 
 def _synthetic_rows(n: int, seed: int) -> list[dict[str, object]]:
@@ -182,12 +196,16 @@ def _synthetic_rows(n: int, seed: int) -> list[dict[str, object]]:
         long = rng.random() < 0.5
         prompt = ("write a detailed essay about " if long else "answer briefly: ") + str(i)
         mu = {"chat": 300, "code": 120, "sql": 30, "tool": 20}[task] * (3 if long else 0.5)
-        rows.append({
-            "prompt": prompt, "task": task, "model": rng.choice(["a", "b"]),
-            "input_tokens": len(prompt) // 4 + 1,
-            "output_tokens": max(1, int(rng.lognormvariate(math.log(mu), 0.3))),
-            "group": f"g{i}",
-        })
+        rows.append(
+            {
+                "prompt": prompt,
+                "task": task,
+                "model": rng.choice(["a", "b"]),
+                "input_tokens": len(prompt) // 4 + 1,
+                "output_tokens": max(1, int(rng.lognormvariate(math.log(mu), 0.3))),
+                "group": f"g{i}",
+            }
+        )
     return rows
 
 
