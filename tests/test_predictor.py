@@ -8,6 +8,7 @@ import math
 import random
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from goodserve.dispatcher.predictor import datasets, train
@@ -47,6 +48,39 @@ def test_unknown_task_goes_to_other(shipped: OutputLengthPredictor) -> None:
 def test_features_are_finite_without_prompt(shipped: OutputLengthPredictor) -> None:
     f = shipped.features(PredictorInput(input_tokens=0, prompt=None, model="", step=-3))
     assert all(math.isfinite(v) for v in f)
+
+
+def test_input_from_request_carries_request_id_but_it_is_no_feature(
+    shipped: OutputLengthPredictor,
+) -> None:
+    from goodserve.schemas import AgentRequest
+
+    req = AgentRequest(
+        request_id="req-7",
+        model="llama-3-8b",
+        task="sql",
+        prompt="List all tables.",
+        workflow_id="wf-1",
+        step=2,
+        input_tokens=300,
+        max_tokens=64,
+        output_tokens_hint=40,
+    )
+    x = PredictorInput.from_request(req, 300)
+    assert x == PredictorInput(
+        input_tokens=300,
+        task="sql",
+        model="llama-3-8b",
+        prompt="List all tables.",
+        workflow_id="wf-1",
+        step=2,
+        output_tokens_hint=40,
+        request_id="req-7",
+    )
+    other = msgspec.structs.replace(x, request_id="another")
+    for p in (shipped, TaskMedianPredictor.default(), ConstantPredictor()):
+        assert p.features(x) == p.features(other)
+        assert p.predict(x) == p.predict(other)
 
 
 def test_predict_features_is_deterministic_and_batch_independent(

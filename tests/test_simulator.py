@@ -7,9 +7,15 @@ import random
 
 import pytest
 from goodserve.dispatcher.estimator import FleetEstimator
+from goodserve.dispatcher.predictor.model import (
+    LengthPrediction,
+    OutputLengthPredictor,
+    PredictorInput,
+)
 from goodserve.schemas import Heartbeat
 
 from goodserve.sim.fleet import builtin_fleet
+from goodserve.sim.oracle import OraclePrediction, OraclePredictor
 from goodserve.sim.simulator import SimConfig, Simulator, simulate, slo_scale_for
 from goodserve.sim.synth import synthesize, synthesize_workflows
 
@@ -151,3 +157,49 @@ def test_estimator_properties_random_operations() -> None:
         est.on_finish(rid, now=3000.0)
     assert est.n_active.sum() == 0 and est.requests == {}
     assert abs(est.pending_prefill.sum()) < 1e-6
+
+
+class _RecordingOracle(OraclePredictor):
+    """The oracle, recording every input it is given."""
+
+    def __init__(self, truth: dict[str, int]) -> None:
+        super().__init__(truth)
+        self.seen: list[PredictorInput] = []
+
+    def predict(self, x: PredictorInput) -> OraclePrediction:
+        self.seen.append(x)
+        return super().predict(x)
+
+
+class _RecordingModel(OutputLengthPredictor):
+    """The shipped model, recording every input it is given."""
+
+    seen: list[PredictorInput]
+
+    def predict(self, x: PredictorInput) -> LengthPrediction:
+        self.seen.append(x)
+        return super().predict(x)
+
+
+def test_every_predictor_gets_the_common_input_with_the_request_id() -> None:
+    """The oracle and the shipped model are given the same input, built the same way (no
+    special case): it carries the request id the oracle looks the true length up by."""
+    fleet = builtin_fleet("mixed8")
+    trace = synthesize_workflows(workflows=4, rps=1.0, steps=(2, 3), seed=2, slo_per_step_s=30.0)
+    oracle = _RecordingOracle({})
+    cfg = SimConfig(policy="goodserve", keep_requests=True)
+    sim = Simulator(fleet=fleet, trace=trace, config=cfg, predictor=oracle)
+    oracle.truth = {rid: r.output_tokens for rid, r in zip(sim.ids, sim.rows, strict=True)}
+    rep = sim.run()
+    assert all(type(x) is PredictorInput for x in oracle.seen)
+    assert sorted(x.request_id or "" for x in oracle.seen) == sorted(sim.ids)
+    for row in rep["per_request"]:
+        assert row["predicted_p50"] == row["output_tokens"]
+    model = _RecordingModel.default()
+    model.seen = []
+    sim = Simulator(fleet=fleet, trace=trace, config=cfg, predictor=model)
+    assert sim.run()["completed"] == len(trace)
+    assert all(type(x) is PredictorInput for x in model.seen)
+    assert sorted(x.request_id or "" for x in model.seen) == sorted(sim.ids)
+    # an input without a request id is not looked up
+    assert oracle.predict(PredictorInput(input_tokens=10)).p50 == 256.0

@@ -24,11 +24,14 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
 from goodserve.dispatcher.predictor import features as F
+
+if TYPE_CHECKING:
+    from goodserve.schemas import AgentRequest
 
 QUANTILES = (0.5, 0.9, 0.99)
 MODEL_FILE = "model.json.gz"
@@ -43,7 +46,11 @@ MIN_LOG_SPREAD = 0.05
 
 
 class PredictorInput(msgspec.Struct, kw_only=True):
-    """What the router knows about a request before it runs."""
+    """What the router knows about a request before it runs.
+
+    ``request_id`` is never a feature: it only lets evaluation predictors that look
+    lengths up per request (the simulator's oracle) take the same input as every other.
+    """
 
     input_tokens: int
     task: str = "chat"
@@ -52,6 +59,21 @@ class PredictorInput(msgspec.Struct, kw_only=True):
     workflow_id: str | None = None
     step: int = 0
     output_tokens_hint: int | None = None
+    request_id: str | None = None
+
+    @classmethod
+    def from_request(cls, req: AgentRequest, input_tokens: int) -> PredictorInput:
+        """The predictor's view of a request (never its true output length)."""
+        return cls(
+            input_tokens=input_tokens,
+            task=req.task,
+            model=req.model,
+            prompt=req.prompt,
+            workflow_id=req.workflow_id,
+            step=req.step,
+            output_tokens_hint=req.output_tokens_hint,
+            request_id=req.request_id,
+        )
 
 
 class LengthPrediction(msgspec.Struct, frozen=True):

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from typing import Any
 
 import msgspec
+
+from goodserve.dispatcher.predictor.model import PredictorInput
 
 
 class OraclePrediction(msgspec.Struct, frozen=True):
@@ -22,7 +23,9 @@ class OraclePrediction(msgspec.Struct, frozen=True):
 
 
 class OraclePredictor:
-    """Predicts the true length (looked up by request id), optionally with noise.
+    """Predicts the true length, looked up by ``PredictorInput.request_id``, optionally
+    with noise. It takes the same input as every other predictor; a request id it does
+    not know gets 256 tokens.
 
     With ``error`` e > 0: p50 = true * exp(N(0, s)) where s = log(1 + e), and the
     quantiles widen accordingly (p90 = p50 * exp(1.2816 s)); the noise of a request
@@ -36,12 +39,12 @@ class OraclePredictor:
         self.sigma = math.log1p(error) if error > 0 else 0.0
         self.version = f"oracle-e{error:g}" if error else "oracle"
 
-    def features(self, x: Any) -> list[float]:
-        return [float(getattr(x, "input_tokens", 0))]
+    def features(self, x: PredictorInput) -> list[float]:
+        return [float(x.input_tokens)]
 
-    def predict(self, x: Any) -> OraclePrediction:
-        rid = getattr(x, "request_id", None) or getattr(x, "workflow_id", None)
-        true = float(self.truth.get(str(rid), 256))
+    def predict(self, x: PredictorInput) -> OraclePrediction:
+        rid = x.request_id
+        true = float(self.truth.get(rid, 256)) if rid is not None else 256.0
         if self.sigma == 0.0:
             return OraclePrediction(true, true, true)
         h = hashlib.blake2b(f"{self.seed}:{rid}".encode(), digest_size=8).digest()
@@ -51,18 +54,5 @@ class OraclePredictor:
             p50, p50 * math.exp(1.2816 * self.sigma), p50 * math.exp(2.3263 * self.sigma)
         )
 
-    def observe(self, x: Any, actual_output_tokens: int) -> None:
+    def observe(self, x: PredictorInput, actual_output_tokens: int) -> None:
         pass
-
-
-class OracleInput(msgspec.Struct, kw_only=True):
-    """Predictor input carrying the request id (oracle look-up key)."""
-
-    request_id: str
-    input_tokens: int
-    task: str = "chat"
-    model: str = "default"
-    prompt: str | None = None
-    workflow_id: str | None = None
-    step: int = 0
-    output_tokens_hint: int | None = None

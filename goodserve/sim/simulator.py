@@ -21,6 +21,7 @@ import numpy as np
 
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.policies.registry import make_policy
+from goodserve.dispatcher.predictor.model import PredictorInput
 from goodserve.dispatcher.router import Router
 from goodserve.monitor.risk import MonitorConfig, RiskMonitor
 from goodserve.perf.latency import PerfModel
@@ -28,7 +29,7 @@ from goodserve.schemas import AgentRequest, Decision, Heartbeat, RequestProgress
 from goodserve.sim.fleet import Fleet
 from goodserve.sim.instance import SimInstance, SimRequest
 from goodserve.sim.kvcache import block_hashes_for_key
-from goodserve.sim.oracle import OracleInput, OraclePredictor
+from goodserve.sim.oracle import OraclePredictor
 from goodserve.sim.trace import TraceRow
 
 ARRIVE, STEP, HEARTBEAT, MONITOR, SLOWDOWN = 0, 1, 2, 3, 4
@@ -262,19 +263,7 @@ class Simulator:
             workflow_deadline=wf_deadline,
             output_tokens_hint=hint,
         )
-        x = OracleInput(
-            request_id=rid,
-            input_tokens=row.input_tokens,
-            task=row.task,
-            model=row.model or "default",
-            prompt=row.prompt,
-            workflow_id=wf,
-            step=row.step,
-        )
-        if not isinstance(self.predictor, OraclePredictor):
-            from goodserve.dispatcher.router import to_predictor_input
-
-            x = to_predictor_input(req, row.input_tokens)
+        x = PredictorInput.from_request(req, row.input_tokens)
         hashes = self._block_hashes(row)
         out = self.router.route(req, t, predictor_input=x, block_hashes=hashes)
         rec = RequestRecord(rid, row, t, out.deadline)
