@@ -58,6 +58,10 @@ def perf_model_for(gpu: str, model: str) -> PerfModel:
 
 # EMA weight of a new observation.
 DEFAULT_ALPHA = 0.3
+# Time constant (s) of the prefill work recently sent to an instance (see prefill_busy).
+DEFAULT_BUSY_WINDOW_S = 5.0
+# Share of its time an instance can be assumed to spend prefilling, at most.
+_MAX_BUSY = 0.8
 # An instance without a heartbeat for this long is stale: excluded from routing.
 DEFAULT_STALE_AFTER_S = 3.0
 # Per-request contexts (tokens) at which the TPOT plane is fitted to the performance model.
@@ -130,12 +134,16 @@ class FleetEstimator:
         *,
         alpha: float = DEFAULT_ALPHA,
         stale_after_s: float = DEFAULT_STALE_AFTER_S,
+        busy_window_s: float = DEFAULT_BUSY_WINDOW_S,
         require_heartbeat: bool = False,
     ) -> None:
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.alpha = alpha
         self.stale_after_s = stale_after_s
+        if not busy_window_s > 0.0:
+            raise ValueError(f"busy_window_s must be > 0, got {busy_window_s}")
+        self.busy_window_s = busy_window_s
         self.require_heartbeat = require_heartbeat
         self.infos: list[InstanceInfo] = []
         self.index: dict[str, int] = {}
@@ -153,6 +161,13 @@ class FleetEstimator:
         self.pq = np.zeros(n)  # prefill seconds per token squared (attention)
         # Learned corrections and observed state
         self.tpot_corr = np.ones(n)
+        # Share of time spent prefilling prompts (chunked prefill stalls every decode step
+        # it shares: TPOT seen by a running request = decode step / (1 - busy)); decayed
+        # with DEFAULT_BUSY_WINDOW_S, fed by the prompts we send. stretch = 1 / (1 - busy).
+        self.prefill_busy = np.zeros(n)
+        self.busy_at = np.zeros(n)
+        self.stretch = np.ones(n)
+        self.tpot_corr_mid = np.ones(n)  # medium EMA: a lasting change, not one long step
         self.tpot_corr_base = np.ones(n)  # slow EMA of tpot_corr: a jump above it = slowdown
         self.prefill_corr = np.ones(n)
         self.finish_corr = np.ones(n)  # EMA of observed / estimated completion time
@@ -218,6 +233,10 @@ class FleetEstimator:
         self.pb = grow(self.pb, pb)
         self.pq = grow(self.pq, pq)
         self.tpot_corr = grow(self.tpot_corr, 1.0)
+        self.prefill_busy = grow(self.prefill_busy, 0.0)
+        self.busy_at = grow(self.busy_at, now)
+        self.stretch = grow(self.stretch, 1.0)
+        self.tpot_corr_mid = grow(self.tpot_corr_mid, 1.0)
         self.tpot_corr_base = grow(self.tpot_corr_base, 1.0)
         self.prefill_corr = grow(self.prefill_corr, 1.0)
         self.finish_corr = grow(self.finish_corr, 1.0)
@@ -259,7 +278,7 @@ class FleetEstimator:
         ``context``: KV tokens the batch attends to (default: what each instance holds now).
         """
         ctx = self.batch_context() if context is None else context
-        return (self.d0 + self.d1 * batch + self.dc * ctx) * self.tpot_corr
+        return (self.d0 + self.d1 * batch + self.dc * ctx) * self.tpot_corr * self.stretch
 
     def prefill(self, tokens: np.ndarray | float, cached: np.ndarray | float = 0.0) -> np.ndarray:
         """Prefill time of ``tokens`` new prompt tokens after ``cached`` tokens of prefix.
@@ -273,7 +292,7 @@ class FleetEstimator:
 
     def own_context_tpot(self, input_tokens: float, output_tokens: float) -> np.ndarray:
         """What a request's own KV adds to every instance's TPOT (mean context while decoding)."""
-        return self.dc * self.tpot_corr * (input_tokens + 0.5 * output_tokens)
+        return self.dc * self.tpot_corr * self.stretch * (input_tokens + 0.5 * output_tokens)
 
     def active(self) -> np.ndarray:
         """Requests on each instance: heartbeat counts or our own tracking, whichever is larger."""
@@ -318,7 +337,8 @@ class FleetEstimator:
         mean_ctx = float(self.ctx_tokens[i]) / n if n > 0 else 1024.0
         lim = min(max(float(self.kv_total[i]) / max(mean_ctx, 1.0), 1.0), float(self.max_batch[i]))
         after = active + 1.0
-        d0, d1, tc = float(self.d0[i]), float(self.d1[i]), float(self.tpot_corr[i])
+        d0, d1 = float(self.d0[i]), float(self.d1[i])
+        tc = float(self.tpot_corr[i]) * float(self.stretch[i])
         ctx = float(self.dc[i]) * min(float(self.hb_kv_used[i]), float(self.kv_total[i]))
         wait = (
             max(after - lim, 0.0)
@@ -334,6 +354,14 @@ class FleetEstimator:
         self.q_cache[i] = float(self.queue_s[i]) + wait + pre
         self.d_cache[i] = (d0 + d1 * min(after, lim) + ctx) * tc
 
+    def _decay_busy(self, i: int, now: float) -> None:
+        """Let the recent prefill work of instance i age to ``now``."""
+        dt = now - float(self.busy_at[i])
+        if dt > 0:
+            self.prefill_busy[i] *= math.exp(-dt / self.busy_window_s)
+            self.busy_at[i] = now
+            self.stretch[i] = 1.0 / (1.0 - min(float(self.prefill_busy[i]), _MAX_BUSY))
+
     def refresh_all(self) -> None:
         for i in range(len(self.infos)):
             self._refresh(i)
@@ -346,8 +374,12 @@ class FleetEstimator:
         return self.alive & fresh & ~self.draining
 
     def slowdown(self) -> np.ndarray:
-        """Current TPOT correction over its long-run level: > 1 when an instance slowed down."""
-        return self.tpot_corr / np.maximum(self.tpot_corr_base, 1e-9)
+        """Recent TPOT correction over its long-run level: > 1 when an instance slowed down.
+
+        The recent level is a medium EMA (about 2 s of heartbeats at 0.1 s), so a lasting
+        slowdown shows within a few heartbeats but one long prefill step does not.
+        """
+        return self.tpot_corr_mid / np.maximum(self.tpot_corr_base, 1e-9)
 
     def kv_frac(self) -> np.ndarray:
         return np.minimum(self.hb_kv_used / np.maximum(self.kv_total, 1.0), 1.0)
@@ -394,8 +426,16 @@ class FleetEstimator:
         self.n_active[i] += 1
         self.ctx_tokens[i] += tr.ctx
         self.rem_tokens[i] += max(planned_tokens - generated, 1.0)
-        self.pending_prefill[i] += max(input_tokens + generated - cached_tokens, 0)
+        new_tokens = max(input_tokens + generated - cached_tokens, 0)
+        self.pending_prefill[i] += new_tokens
         self.hb_kv_used[i] += input_tokens + generated
+        if new_tokens:
+            self._decay_busy(i, now)
+            c = float(input_tokens + generated - new_tokens)
+            n = new_tokens
+            work = self.pb[i] + self.pf[i] * n + self.pq[i] * n * (2 * c + n)
+            self.prefill_busy[i] += float(work * self.prefill_corr[i]) / self.busy_window_s
+            self.stretch[i] = 1.0 / (1.0 - min(float(self.prefill_busy[i]), _MAX_BUSY))
         slack = self._slack(tr, i, now)
         if slack < self.min_slack[i]:
             self.min_slack[i] = slack
@@ -409,7 +449,8 @@ class FleetEstimator:
         mean_ctx = self.ctx_tokens[i] / self.n_active[i] if self.n_active[i] > 0 else 1024.0
         batch = min(active, self.max_batch[i], max(self.kv_total[i] / max(mean_ctx, 1.0), 1.0))
         ctx = min(self.hb_kv_used[i], self.kv_total[i])
-        t = (self.d0[i] + self.d1[i] * batch + self.dc[i] * ctx) * self.tpot_corr[i] * rem
+        tpot = self.d0[i] + self.d1[i] * batch + self.dc[i] * ctx
+        t = tpot * self.tpot_corr[i] * self.stretch[i] * rem
         if not tr.started:
             n = tr.input_tokens
             t += (self.pb[i] + self.pf[i] * n + self.pq[i] * n * n) * self.prefill_corr[i]
@@ -476,7 +517,7 @@ class FleetEstimator:
             observed = decode_s / (output_tokens - 1)
             batch = max(min(float(self.active()[i]), float(self.max_batch[i])), 1.0)
             ctx = min(float(self.hb_kv_used[i]), float(self.kv_total[i]))
-            model = float(self.d0[i] + self.d1[i] * batch + self.dc[i] * ctx)
+            model = float(self.d0[i] + self.d1[i] * batch + self.dc[i] * ctx) * self.stretch[i]
             self.tpot_corr[i] = (1 - self.alpha) * self.tpot_corr[i] + self.alpha * _clip(
                 observed / model
             )
@@ -492,6 +533,7 @@ class FleetEstimator:
         i = self.index[hb.instance_id]
         t = hb.at if now is None else now
         self.last_seen[i] = t
+        self._decay_busy(i, t)
         self.alive[i] = True
         self.draining[i] = hb.draining
         self.hb_running[i] = hb.running
@@ -509,10 +551,11 @@ class FleetEstimator:
         if hb.tpot_s > 0 and hb.running > 0:
             batch = min(float(hb.running), float(self.max_batch[i]))
             ctx = min(float(self.hb_kv_used[i]), float(self.kv_total[i]))
-            model = float(self.d0[i] + self.d1[i] * batch + self.dc[i] * ctx)
+            model = float(self.d0[i] + self.d1[i] * batch + self.dc[i] * ctx) * self.stretch[i]
             self.tpot_corr[i] = (1 - self.alpha) * self.tpot_corr[i] + self.alpha * _clip(
                 hb.tpot_s / model
             )
+            self.tpot_corr_mid[i] = 0.95 * self.tpot_corr_mid[i] + 0.05 * self.tpot_corr[i]
             self.tpot_corr_base[i] = 0.995 * self.tpot_corr_base[i] + 0.005 * self.tpot_corr[i]
         # progress of tracked requests -> remaining work and the tightest slack
         info = self.infos[i]
@@ -583,6 +626,7 @@ class FleetEstimator:
                 "dc",
                 "pq",
                 "tpot_corr",
+                "prefill_busy",
                 "speed",
                 "n_active",
                 "rem_tokens",
@@ -616,6 +660,7 @@ class FleetEstimator:
                     tpot_ctx_s=cols["dc"][i],
                     prefill_quad_s=cols["pq"][i],
                     tpot_corr=cols["tpot_corr"][i],
+                    prefill_busy=cols["prefill_busy"][i],
                     speed=cols["speed"][i],
                     outstanding=int(cols["n_active"][i]),
                     rem_tokens=cols["rem_tokens"][i],
@@ -657,6 +702,9 @@ class FleetEstimator:
         est.dc = col("tpot_ctx_s")
         est.pq = col("prefill_quad_s")
         est.tpot_corr = col("tpot_corr")
+        est.prefill_busy = col("prefill_busy")
+        est.busy_at = np.zeros(n)
+        est.stretch = 1.0 / (1.0 - np.minimum(est.prefill_busy, _MAX_BUSY))
         est.speed = col("speed")
         est.n_active = col("outstanding")
         est.rem_tokens = col("rem_tokens")

@@ -325,15 +325,7 @@ def to_predictor_input(req: AgentRequest, input_tokens: int) -> Any:
     """The predictor's view of a request (never its true output length)."""
     from goodserve.dispatcher.predictor.model import PredictorInput
 
-    return PredictorInput(
-        input_tokens=input_tokens,
-        task=req.task,
-        model=req.model,
-        prompt=req.prompt,
-        workflow_id=req.workflow_id,
-        step=req.step,
-        output_tokens_hint=req.output_tokens_hint,
-    )
+    return PredictorInput.from_request(req, input_tokens)
 
 
 def replay(decision: Decision) -> tuple[str | None, Decision]:

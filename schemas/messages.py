@@ -127,8 +127,10 @@ class InstanceView(msgspec.Struct, kw_only=True):
 
     Raw model coefficients and their learned corrections are kept apart so that a
     replay repeats the very same float operations (bit-for-bit decisions).
-    TPOT(B, C) = (tpot_base_s + tpot_slope_s * B + tpot_ctx_s * C) * tpot_corr for a batch
-    of B sequences attending to C KV tokens (C = min(kv_used_tokens, kv_total_tokens));
+    TPOT(B, C) = (tpot_base_s + tpot_slope_s * B + tpot_ctx_s * C) * tpot_corr
+    / (1 - min(prefill_busy, 0.8)) for a batch of B sequences attending to C KV tokens
+    (C = min(kv_used_tokens, kv_total_tokens)) on an instance spending ``prefill_busy`` of
+    its time on prompts;
     prefill(n after c cached) = (prefill_base_s + prefill_s_per_token * n
     + prefill_quad_s * n * (2c + n)) * prefill_corr. Records written before the context
     terms existed have them at 0, which replays those records as they were decided.
@@ -161,6 +163,7 @@ class InstanceView(msgspec.Struct, kw_only=True):
     finish_corr: float = 1.0
     tpot_ctx_s: float = 0.0
     prefill_quad_s: float = 0.0
+    prefill_busy: float = 0.0
 
 
 class Decision(Message, tag="decision", kw_only=True):

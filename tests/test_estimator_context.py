@@ -117,3 +117,62 @@ def test_context_terms_survive_the_audit_record() -> None:
     got_all = replayed.estimate(5000, 400, 1000.0)
     for got, want in zip(got_all, est.estimate(5000, 400, 1000.0), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_prompts_sent_to_an_instance_stretch_its_tpot_until_they_age() -> None:
+    est = _fleet("A100", "A100")
+    for k in range(5):  # 5 x 2k-token prompts within a quarter second to instance 0
+        est.on_assign(
+            "a100-0",
+            request_id=f"r{k}",
+            input_tokens=2000,
+            planned_tokens=100,
+            deadline=60.0,
+            now=0.05 * k,
+        )
+    assert 0.05 < est.prefill_busy[0] < 0.8 and est.prefill_busy[1] == 0.0
+    assert est.stretch[0] == pytest.approx(1.0 / (1.0 - est.prefill_busy[0]))
+    stretched = float(est.tpot(8.0, 0.0)[0])
+    assert stretched > 1.1 * float(est.tpot(8.0, 0.0)[1])
+    later = Heartbeat(
+        instance_id="a100-0", gpu="A100", model="llama-2-7b", engine="sim", at=30.0, running=20
+    )
+    est.on_heartbeat(later)  # 30 s later (6 time constants): the burst has aged away
+    assert est.prefill_busy[0] < 0.01 * 0.8
+    assert float(est.tpot(8.0, 0.0)[0]) == pytest.approx(
+        float(est.tpot(8.0, 0.0)[1]) * float(est.tpot_corr[0] / est.tpot_corr[1]), rel=0.01
+    )
+
+
+def _tpot_beat(est: FleetEstimator, at: float, tpot_s: float) -> None:
+    est.on_heartbeat(
+        Heartbeat(
+            instance_id="h100-0",
+            gpu="H100",
+            model="llama-2-7b",
+            engine="sim",
+            at=at,
+            running=8,
+            kv_used_blocks=8 * 512 // 16,
+            kv_total_blocks=6000,
+            tpot_s=tpot_s,
+        )
+    )
+
+
+def test_one_long_step_is_not_a_slowdown_but_a_lasting_one_is() -> None:
+    est = _fleet("H100")
+    normal = float(est.tpot(8.0, 8 * 512)[0])
+    t = 0.0
+    for _ in range(50):
+        t += 0.1
+        _tpot_beat(est, t, normal)
+    _tpot_beat(est, t + 0.1, 4 * normal)  # one heartbeat over a long prefill step
+    assert est.slowdown()[0] < 1.5
+    t += 0.1
+    beats = 0
+    while est.slowdown()[0] < 1.5 and beats < 20:  # now it runs at a third of its speed
+        t += 0.1
+        _tpot_beat(est, t, 3 * normal)
+        beats += 1
+    assert est.slowdown()[0] >= 1.5 and beats <= 8

@@ -121,6 +121,24 @@ def test_hopeless_request_rejected_early_only_under_load() -> None:
     assert route(busy(fleet("V100", "A40"), running=0), "goodserve", slo_s=0.5, p50=2000)
 
 
+@pytest.mark.parametrize(
+    ("p50", "p90", "rejected"),
+    [
+        (2000, 2000, True),  # exact length: hopeless, shed it
+        (2000, 3000, True),  # confident (P90 1.5x P50), the short mirror (1,333) is hopeless too
+        (2000, 5000, False),  # too unsure: it may well be short, serve it where it finishes first
+        (400, 500, False),  # the short mirror (320 tokens) can still make it
+    ],
+)
+def test_rejection_needs_a_confident_hopeless_prediction(
+    p50: float, p90: float, rejected: bool
+) -> None:
+    est = busy(fleet("V100", "A40"))
+    slo = 0.5 if p50 > 1000 else float(est.estimate(100, 320)[3].min()) * 1.05
+    chosen = route(est, "goodserve", slo_s=slo, p50=p50, p90=p90)
+    assert (chosen is None) == rejected
+
+
 def test_trust_region_bounds_packing() -> None:
     """By default the loose request stays within 1.5x of the earliest finish: not the V100."""
     est = fleet("V100", "A100", "H100")

@@ -100,7 +100,10 @@ class WithinReach:
 
     Requests beyond reach everywhere are rejected early instead of taking capacity
     that requests which can still make it need (``on_infeasible="best-effort"``
-    disables this).
+    disables this). Judged on an optimistic length, the P10 mirror of the P90 around
+    the P50 on a log scale (P50**2 / P90), and only for confident predictions (P90 at
+    most ``max_spread`` x P50): an uncertain length must not reject a request that may
+    well be short; it is served where it finishes first.
     """
 
     factor: float
@@ -108,25 +111,35 @@ class WithinReach:
     busy_tpot_ratio: float = 1.1
     """Reject only under load: when every candidate would first queue at least
     ``min_queue_s`` or runs its batch at ``busy_tpot_ratio`` x its idle TPOT or slower."""
+    max_spread: float = 1.6
     name: str = "within-reach"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
         if not np.isfinite(self.factor):
             return mask
+        if ctx.p50 > 0.0 and ctx.p90 > self.max_spread * ctx.p50:
+            return mask  # too unsure of the length to call it hopeless
         q, _, d, _ = ctx.estimates()
         est = ctx.est
         idle_tpot = (est.d0 + est.d1) * est.tpot_corr
         busy = (q > self.min_queue_s) | (d > self.busy_tpot_ratio * idle_tpot)
         if not busy[mask].all():
             return mask  # some instance has spare capacity: no load to shed, serve it
-        return mask & (ctx.finish <= self.factor * ctx.deadline_in)
+        finish = ctx.finish
+        if 0.0 < ctx.p50 < ctx.p90:
+            short = max(ctx.p50 * ctx.p50 / ctx.p90, 1.0)
+            if short < ctx.planned_tokens:
+                finish = est.estimate(ctx.input_tokens, short, ctx.cached)[3]
+        return mask & (finish <= self.factor * ctx.deadline_in)
 
 
 @register_filter("within-reach")
 def _reach(config: PolicyConfig) -> WithinReach:
     best_effort = config.get("on_infeasible") == "best-effort"
     return WithinReach(
-        factor=float("inf") if best_effort else float(config.get("hopeless_factor", 1.1))
+        factor=float("inf") if best_effort else float(config.get("hopeless_factor", 1.1)),
+        busy_tpot_ratio=float(config.get("busy_tpot_ratio", 1.1)),
+        max_spread=float(config.get("reject_max_spread", 1.6)),
     )
 
 
