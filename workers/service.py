@@ -54,6 +54,7 @@ from goodserve.schemas import (
 )
 from goodserve.workers.engine import Engine, EngineRequest
 
+from goodserve.chaos.failpoints import failpoint
 from goodserve.config import Settings
 from goodserve.errors import (
     ConfigError,
@@ -646,9 +647,11 @@ class WorkerService:
         if not m.target or m.target == self.instance_id:
             log.warning("worker.migration_ignored", migration_id=m.migration_id, why="bad target")
             return
+        failpoint("worker.migration.received")
         ckpt = await self._checkpoint(tr, migration_id=m.migration_id, target=m.target)
         if ckpt is None:
             return
+        failpoint("worker.migration.checkpointed")
         a = tr.assignment
         target_topic = self.settings.instance_topic(m.target)
         if target_topic not in self._known_topics:
@@ -667,6 +670,7 @@ class WorkerService:
         )
         assert self._producer is not None
         await self._send_retrying(target_topic, resume, key=m.request_id)
+        failpoint("worker.migration.resumed")
         self.migrated_out += 1
         await self._settle(tr.env)
         log.info(
