@@ -71,6 +71,34 @@ class DispatcherStats:
     decision_us: deque[float] = field(default_factory=lambda: deque(maxlen=10000))
 
 
+@dataclass(slots=True)
+class _Handover:
+    """A migration on its way: ``source`` stops the request and hands it to ``target``.
+
+    It ends when ``target`` lists the request in a heartbeat (or a Result arrives). Until
+    then the request is held by ``source`` as far as reissuing goes: a source that dies
+    mid-way may never have sent the resuming Assignment."""
+
+    source: str
+    target: str
+    since: float
+    checkpoint: Checkpoint | None = None
+    """The source's checkpoint for this move, once read from the checkpoints topic."""
+
+
+@dataclass(slots=True)
+class _Orphan:
+    """A request to dispatch again: its instance died, drained, or died handing it over."""
+
+    request: AgentRequest
+    checkpoint: Checkpoint | None
+    assignment: Assignment | None
+    prefer: str | None = None
+    """The target of a handover its dead source could not finish: the request goes there
+    (a worker drops an Assignment for a request it already runs or finished, so this
+    cannot run it twice), unless that instance cannot take work."""
+
+
 class DispatcherService:
     """Routes agent requests to instances over Kafka (see module docstring)."""
 
@@ -131,8 +159,14 @@ class DispatcherService:
         self.checkpoints: dict[str, Checkpoint] = {}
         self.inputs: dict[str, Any] = {}
         self.assignments: dict[str, Assignment] = {}
-        self.orphans: dict[str, tuple[AgentRequest, Checkpoint | None, Assignment | None]] = {}
+        self.orphans: dict[str, _Orphan] = {}
         """Requests to re-dispatch (their instance died or drained) once an instance is up."""
+        self.handovers: dict[str, _Handover] = {}
+        """Migrations commanded (by this replica or a monitor) and not yet confirmed."""
+        self.partition_of: dict[str, int] = {}
+        """Requests-topic partition each placed request came from (ownership, see _owns)."""
+        self._dead: set[str] = set()
+        """Instances declared dead and not heard from since."""
         self.stale_after_s = stale_after_s
         self._last_heartbeat = 0.0
         self._blackout_until = 0.0
@@ -335,6 +369,7 @@ class DispatcherService:
         deliveries.append(await self._producer.send_nowait(s.instance_topic(out.instance_id), a,
                                                            key=req.request_id))
         self.assignments[req.request_id] = a
+        self.partition_of[req.request_id] = env.partition
         self.inputs[req.request_id] = x or to_predictor_input(req, out.input_tokens)
         self.stats.assigned += 1
         log.debug("dispatcher.assigned", instance_id=out.instance_id,
@@ -442,17 +477,73 @@ class DispatcherService:
             else:
                 self.est.on_heartbeat(msg, now=now)
             self.metrics.observe_heartbeat(msg)
+            self._dead.discard(msg.instance_id)
+            if self.handovers:
+                self._confirm_handovers(msg)
         elif isinstance(msg, Result):
             a = self.assignments.get(msg.request_id)
             self.metrics.observe_result(msg, a.predicted_output_tokens if a else None,
                                         a.predicted_output_p90 if a else None)
             self._on_result(msg, now)
         elif isinstance(msg, Checkpoint):
-            self.checkpoints[msg.request_id] = msg
-            if msg.target is None and msg.source != "":
+            self._on_checkpoint(msg, now)
+
+    def _on_checkpoint(self, ck: Checkpoint, now: float) -> None:
+        """A source stopped a request: a migration (target set) or a drain (target None)."""
+        rid = ck.request_id
+        a = self.assignments.get(rid)
+        if a is not None and a.resume is not None and a.resume.migrations >= ck.migrations:
+            return  # already acted on (the topic is at-least-once; a rebuild re-reads it)
+        prev = self.checkpoints.get(rid)
+        if prev is not None and prev.migrations > ck.migrations:
+            return
+        self.checkpoints[rid] = ck
+        if ck.target is None:
+            if ck.source != "":
                 # a draining worker handed the request back: dispatch it again, resuming
-                self.orphans[msg.request_id] = (msg.request, msg,
-                                                self.assignments.get(msg.request_id))
+                self.handovers.pop(rid, None)
+                self.orphans[rid] = _Orphan(ck.request, ck, a)
+            return
+        if a is not None and a.instance_id == ck.target:
+            # the target's heartbeat confirmed the move before this record was read
+            self.assignments[rid] = _with(a, resume=ck)
+            return
+        h = self.handovers.get(rid)
+        if h is None or h.target != ck.target:
+            # commanded by a monitor outside this process: learn of the move from here
+            h = self.handovers[rid] = _Handover(ck.source, ck.target, now)
+            self._move_estimate(rid, ck.target, now)
+        h.checkpoint = ck
+        if ck.target in self._dead:  # handed to an instance that is gone: resume elsewhere
+            del self.handovers[rid]
+            self.orphans[rid] = _Orphan(ck.request, ck, a)
+
+    def _confirm_handovers(self, hb: Heartbeat) -> None:
+        """A target that lists a request in its heartbeat has it: the move is done."""
+        for p in hb.requests:
+            h = self.handovers.get(p.request_id)
+            if h is None or h.target != hb.instance_id:
+                continue
+            del self.handovers[p.request_id]
+            a = self.assignments.get(p.request_id)
+            if a is not None:
+                self.assignments[p.request_id] = _with(
+                    a, instance_id=h.target, attempt=a.attempt + 1,
+                    resume=h.checkpoint if h.checkpoint is not None else a.resume)
+
+    def _move_estimate(self, rid: str, target: str, now: float,
+                       remaining_tokens: float | None = None) -> None:
+        """Count a moving request's remaining work on its target in the estimator."""
+        tr = self.est.requests.get(rid)
+        if tr is None or target not in self.est.index:
+            return
+        rem = (remaining_tokens if remaining_tokens is not None
+               else max(tr.planned_tokens - tr.generated, 1.0))
+        self.est.on_finish(rid, now=now)
+        self.est.on_assign(target, request_id=rid, input_tokens=tr.input_tokens,
+                           planned_tokens=max(tr.planned_tokens, tr.generated + rem),
+                           deadline=tr.deadline, now=now, p50=tr.p50, p90=tr.p90,
+                           generated=tr.generated)
 
     def _on_result(self, r: Result, now: float) -> None:
         if r.status in ("rejected",):
@@ -471,9 +562,15 @@ class DispatcherService:
             observe = getattr(self.router.predictor, "observe", None)
             if observe is not None:
                 observe(x, r.output_tokens)
-        self.assignments.pop(r.request_id, None)
-        self.checkpoints.pop(r.request_id, None)
-        self.orphans.pop(r.request_id, None)
+        self._forget(r.request_id)
+
+    def _forget(self, rid: str) -> None:
+        """A request is settled (its Result arrived, or it was rejected): drop its state."""
+        self.assignments.pop(rid, None)
+        self.checkpoints.pop(rid, None)
+        self.orphans.pop(rid, None)
+        self.handovers.pop(rid, None)
+        self.partition_of.pop(rid, None)
 
     # ------------------------------------------------------------------ monitor, liveness
     async def _housekeeping_loop(self) -> None:
@@ -491,35 +588,44 @@ class DispatcherService:
 
     async def migrate_at_risk(self) -> int:
         """One risk-monitor round: command the migrations it plans."""
-        assert self.monitor is not None and self._producer is not None
+        assert self.monitor is not None
         now = time.time()
         plans = self.monitor.plan(self.est, now)
         for plan in plans:
-            a = self.assignments.get(plan.request_id)
-            cmd = MigrationCommand(migration_id=uuid.uuid4().hex, request_id=plan.request_id,
-                                   source=plan.source, target=plan.target, at=now,
-                                   reason=plan.reason, risk=plan.risk,
-                                   deadline=a.deadline if a else 0.0)
-            await self._ensure_instance_topic(plan.target)
-            await self._producer.send(self.settings.instance_topic(plan.source), cmd,
-                                      key=plan.request_id)
-            await self._producer.send(self.settings.migrations_topic, cmd, key=plan.request_id)
+            await self.command_migration(plan.request_id, plan.target, source=plan.source,
+                                         reason=plan.reason, risk=plan.risk,
+                                         remaining_tokens=plan.remaining_tokens, now=now)
             self.monitor.record(plan)
-            tr = self.est.requests.get(plan.request_id)
-            if tr is not None:
-                self.est.on_finish(plan.request_id, now=now)
-                self.est.on_assign(plan.target, request_id=plan.request_id,
-                                   input_tokens=tr.input_tokens,
-                                   planned_tokens=max(tr.planned_tokens,
-                                                      tr.generated + plan.remaining_tokens),
-                                   deadline=tr.deadline, now=now, p50=tr.p50, p90=tr.p90,
-                                   generated=tr.generated)
-            if a is not None:
-                self.assignments[plan.request_id] = _with(a, instance_id=plan.target)
-            self.stats.migrations += 1
-            log.info("dispatcher.migration", request_id=plan.request_id, source=plan.source,
-                     target=plan.target, risk=round(plan.risk, 3), reason=plan.reason)
         return len(plans)
+
+    async def command_migration(self, request_id: str, target: str, *,
+                                source: str | None = None, reason: str = "operator",
+                                risk: float = 0.0, remaining_tokens: float | None = None,
+                                now: float | None = None) -> MigrationCommand:
+        """Move a running request to ``target``: the ``MigrationCommand`` goes to its
+        instance's topic (and to the ``migrations`` audit topic); the source checkpoints it
+        and hands it to ``target``. ``source`` defaults to where this replica placed it."""
+        assert self._producer is not None
+        now = time.time() if now is None else now
+        a = self.assignments.get(request_id)
+        if source is None:
+            if a is None:
+                raise ValueError(f"request {request_id!r} is not placed by this dispatcher")
+            source = a.instance_id
+        cmd = MigrationCommand(migration_id=uuid.uuid4().hex, request_id=request_id,
+                               source=source, target=target, at=now, reason=reason, risk=risk,
+                               deadline=a.deadline if a else 0.0)
+        await self._ensure_instance_topic(target)
+        await self._producer.send(self.settings.instance_topic(source), cmd, key=request_id)
+        await self._producer.send(self.settings.migrations_topic, cmd, key=request_id)
+        self._move_estimate(request_id, target, now, remaining_tokens)
+        if a is not None:
+            # still on the source for reissuing until the target reports it (_Handover)
+            self.handovers[request_id] = _Handover(source, target, now)
+        self.stats.migrations += 1
+        log.info("dispatcher.migration", request_id=request_id, source=source, target=target,
+                 risk=round(risk, 3), reason=reason)
+        return cmd
 
     async def _reissue_from_dead(self) -> None:
         """Instances whose heartbeats stopped: re-dispatch what they held (from checkpoints).
@@ -533,20 +639,86 @@ class DispatcherService:
         now = time.time()
         if now - self._last_heartbeat <= self.stale_after_s and now >= self._blackout_until:
             for iid in self.est.expire(now):
-                lost = self.est.mark_dead(iid)
-                if self.router is not None:  # its KV cache and sticky sessions are gone
-                    self.router.forget_instance(iid)
-                log.warning("dispatcher.instance_dead", instance_id=iid, requests=len(lost))
-                for tr in lost:
-                    a = self.assignments.get(tr.request_id)
-                    self.est.on_finish(tr.request_id, now=now)
-                    if a is not None:
-                        self.orphans[tr.request_id] = (a.request,
-                                                       self.checkpoints.get(tr.request_id), a)
+                self._instance_died(iid, now)
         if not self.orphans or not self.est.usable(now).any():
             return
-        for rid, (req, ck, a) in list(self.orphans.items()):
-            await self._reissue(rid, req, ck, a, now)
+        for rid, o in list(self.orphans.items()):
+            if rid not in self.orphans:
+                continue
+            ck = self._latest_checkpoint(rid, o.checkpoint)
+            if o.prefer is not None and o.assignment is not None and self._usable(o.prefer, now):
+                await self._hand_over(rid, o, ck, now)
+            else:
+                await self._reissue(rid, o.request, ck, o.assignment, now)
+
+    def _instance_died(self, iid: str, now: float) -> None:
+        """Make orphans of what a dead instance held, and of what was being handed to it.
+
+        A request moving from a dead source to a live target goes to that target (the
+        source may have died before sending the resuming Assignment); one that a source
+        had already checkpointed for a dead target is resumed elsewhere from the checkpoint.
+        A request still running on a live source, its move to the dead target not begun,
+        stays where it is (its checkpoint, when it comes, makes it an orphan).
+        """
+        self._dead.add(iid)
+        if iid in self.est.index:
+            for tr in self.est.mark_dead(iid):
+                self.est.on_finish(tr.request_id, now=now)
+            if self.router is not None:  # its KV cache and sticky sessions are gone
+                self.router.forget_instance(iid)
+        n = 0
+        for rid, a in list(self.assignments.items()):
+            if a.instance_id != iid:
+                continue
+            h = self.handovers.pop(rid, None)
+            prefer = (h.target if h is not None and h.source == iid and h.target not in self._dead
+                      else None)
+            ck = self._latest_checkpoint(rid, h.checkpoint if h is not None else None)
+            self.orphans[rid] = _Orphan(a.request, ck, a, prefer)
+            n += 1
+        for rid, h in list(self.handovers.items()):
+            if h.target == iid and h.checkpoint is not None:
+                del self.handovers[rid]
+                self.orphans[rid] = _Orphan(h.checkpoint.request,
+                                            self._latest_checkpoint(rid, h.checkpoint),
+                                            self.assignments.get(rid))
+                n += 1
+        log.warning("dispatcher.instance_dead", instance_id=iid, requests=n)
+
+    def _latest_checkpoint(self, rid: str, ck: Checkpoint | None) -> Checkpoint | None:
+        known = self.checkpoints.get(rid)
+        if ck is None or (known is not None and known.migrations > ck.migrations):
+            return known
+        return ck
+
+    def _usable(self, iid: str, now: float) -> bool:
+        i = self.est.index.get(iid)
+        return i is not None and bool(self.est.usable(now)[i])
+
+    async def _hand_over(self, rid: str, o: _Orphan, ck: Checkpoint | None, now: float) -> None:
+        """Finish a dead source's handover: the Assignment it would have sent to the target."""
+        assert self._producer is not None and o.assignment is not None and o.prefer is not None
+        a, target = o.assignment, o.prefer
+        new = Assignment(request=o.request, instance_id=target, decision_id=a.decision_id,
+                         dispatched_at=now, deadline=a.deadline,
+                         predicted_output_tokens=a.predicted_output_tokens,
+                         predicted_output_p90=a.predicted_output_p90,
+                         attempt=a.attempt + 1, resume=ck)
+        await self._ensure_instance_topic(target)
+        await self._producer.send(self.settings.instance_topic(target), new, key=rid)
+        del self.orphans[rid]
+        self.assignments[rid] = new
+        tr = self.est.requests.get(rid)
+        if (tr is None or self.est.infos[tr.slot].instance_id != target) and \
+                target in self.est.index:
+            generated = len(ck.generated_token_ids) if ck is not None else 0
+            self.est.on_assign(target, request_id=rid, input_tokens=o.request.input_tokens or 0,
+                               planned_tokens=float(max(a.predicted_output_tokens, generated + 1)),
+                               deadline=a.deadline, now=now, generated=generated)
+        self.stats.reissued += 1
+        log.info("dispatcher.reissued", request_id=rid, instance_id=target, handover=True,
+                 from_checkpoint=ck is not None,
+                 resumed_tokens=len(ck.generated_token_ids) if ck is not None else 0)
 
     async def _reissue(self, rid: str, req: AgentRequest, ck: Checkpoint | None,
                        a: Assignment | None, now: float) -> None:
@@ -555,7 +727,7 @@ class DispatcherService:
         out = self.router.route(req, now, predictor_input=x, block_hashes=self.block_hashes(req))
         if out.instance_id is None:
             if self.est.usable(now).any():
-                del self.orphans[rid]
+                self._forget(rid)
                 await self._producer.send(
                     req.reply_to or self.settings.results_topic,
                     _rejection(req, Unschedulable(
