@@ -139,8 +139,13 @@ class DispatcherService:
         self.est = FleetEstimator(stale_after_s=stale_after_s, require_heartbeat=True)
         if fleet is not None:
             for inst in fleet.instances:
-                self.est.add_instance(inst.id, gpu=inst.gpu, model=fleet.model_of(inst),
-                                      max_batch=inst.max_batch or 256, alive=False)
+                self.est.add_instance(
+                    inst.id,
+                    gpu=inst.gpu,
+                    model=fleet.model_of(inst),
+                    max_batch=inst.max_batch or 256,
+                    alive=False,
+                )
         self._policy = make_policy(policy, policy_overrides)
         self._predictor = predictor
         self._seed = seed
@@ -153,8 +158,9 @@ class DispatcherService:
         self.seen = SeenRequests()
         self.stats = DispatcherStats()
         self.metrics = DispatcherMetrics(self)
-        self._metrics_server = (MetricsServer(self.metrics, port=metrics_port)
-                                if metrics_port is not None else None)
+        self._metrics_server = (
+            MetricsServer(self.metrics, port=metrics_port) if metrics_port is not None else None
+        )
         self.held: deque[tuple[Envelope[AgentRequest], float]] = deque()
         self.checkpoints: dict[str, Checkpoint] = {}
         self.inputs: dict[str, Any] = {}
@@ -188,23 +194,38 @@ class DispatcherService:
             from goodserve.dispatcher.predictor.model import OutputLengthPredictor
 
             predictor = await asyncio.to_thread(OutputLengthPredictor.default)
-        self.router = Router(estimator=self.est, predictor=predictor, policy=self._policy,
-                             seed=self._seed, default_slo_s=self.default_slo_s,
-                             max_tokens_bound=self._max_tokens_bound, record_views=True)
+        self.router = Router(
+            estimator=self.est,
+            predictor=predictor,
+            policy=self._policy,
+            seed=self._seed,
+            default_slo_s=self.default_slo_s,
+            max_tokens_bound=self._max_tokens_bound,
+            record_views=True,
+        )
         s = self.settings
         await ensure_topics(s, standard_topics(s))
         self._producer = TypedProducer(settings=s, client_id=f"{s.client_id}-dispatcher")
         await self._producer.start()
         sink = DeadLetterSink(settings=s, service="dispatcher", producer=self._producer)
         self._requests = TypedConsumer(
-            settings=s, topics=[s.requests_topic], group_id=self.group_id, service="dispatcher",
-            message_type=AgentRequest, dead_letters=sink, max_poll_records=self.batch_size,
+            settings=s,
+            topics=[s.requests_topic],
+            group_id=self.group_id,
+            service="dispatcher",
+            message_type=AgentRequest,
+            dead_letters=sink,
+            max_poll_records=self.batch_size,
             poll_timeout_ms=50,
         )
         self._fleet_consumer = TypedConsumer(
-            settings=s, topics=[s.heartbeats_topic, s.results_topic, s.checkpoints_topic],
-            group_id=None, service="dispatcher-fleet", dead_letters=sink,
-            auto_offset_reset="latest", poll_timeout_ms=50,
+            settings=s,
+            topics=[s.heartbeats_topic, s.results_topic, s.checkpoints_topic],
+            group_id=None,
+            service="dispatcher-fleet",
+            dead_letters=sink,
+            auto_offset_reset="latest",
+            poll_timeout_ms=50,
         )
         await self._fleet_consumer.start()
         await self._requests.start()
@@ -215,8 +236,13 @@ class DispatcherService:
         ]
         if self._metrics_server is not None:
             await self._metrics_server.start()
-        log.info("dispatcher.started", replica=self.replica_id, policy=self._policy.name,
-                 monitor=self.monitor is not None, settings=s.redacted())
+        log.info(
+            "dispatcher.started",
+            replica=self.replica_id,
+            policy=self._policy.name,
+            monitor=self.monitor is not None,
+            settings=s.redacted(),
+        )
 
     async def stop(self) -> None:
         """Stop taking requests, finish the batch in hand, commit, close. Idempotent."""
@@ -241,15 +267,20 @@ class DispatcherService:
             await self._producer.stop()
         if self._metrics_server is not None:
             await self._metrics_server.stop()
-        log.info("dispatcher.stopped", replica=self.replica_id, assigned=self.stats.assigned,
-                 rejected=self.stats.rejected)
+        log.info(
+            "dispatcher.stopped",
+            replica=self.replica_id,
+            assigned=self.stats.assigned,
+            rejected=self.stats.rejected,
+        )
 
     async def __aenter__(self) -> Self:
         await self.start()
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.stop()
 
     def assigned_partitions(self) -> int:
@@ -318,13 +349,15 @@ class DispatcherService:
         if done:
             await self._requests.commit(done)
 
-    async def _handle_one(self, env: Envelope[AgentRequest], now: float,
-                          deliveries: list[Delivery]) -> str:
+    async def _handle_one(
+        self, env: Envelope[AgentRequest], now: float, deliveries: list[Delivery]
+    ) -> str:
         req = env.msg
         if req.arrival is None:
             req = _with(req, arrival=env.timestamp or now)
-            env = Envelope(req, env.topic, env.partition, env.offset, env.key, env.timestamp,
-                           env.raw)
+            env = Envelope(
+                req, env.topic, env.partition, env.offset, env.key, env.timestamp, env.raw
+            )
         try:
             models = self._served_models()
             validate_request(req, now, self.limits, models, self.default_slo_s)
@@ -340,8 +373,9 @@ class DispatcherService:
             return self._hold(env, now)
         return await self._route(env, now, deliveries)
 
-    async def _route(self, env: Envelope[AgentRequest], now: float,
-                     deliveries: list[Delivery]) -> str:
+    async def _route(
+        self, env: Envelope[AgentRequest], now: float, deliveries: list[Delivery]
+    ) -> str:
         assert self.router is not None and self._producer is not None
         req = env.msg
         t0 = time.perf_counter()
@@ -351,29 +385,46 @@ class DispatcherService:
         self.metrics.observe_decision(time.perf_counter() - t0, out.instance_id)
         record = out.record(top_k=32)
         s = self.settings
-        deliveries.append(await self._producer.send_nowait(s.decisions_topic, record,
-                                                           key=req.request_id))
+        deliveries.append(
+            await self._producer.send_nowait(s.decisions_topic, record, key=req.request_id)
+        )
         if out.instance_id is None:
             self.seen.discard(req.request_id)
             err = Unschedulable(f"no instance can meet the deadline: {out.how}")
-            deliveries.append(await self._producer.send_nowait(
-                req.reply_to or s.results_topic, _rejection(req, err, out.decision_id),
-                key=req.request_id))
+            deliveries.append(
+                await self._producer.send_nowait(
+                    req.reply_to or s.results_topic,
+                    _rejection(req, err, out.decision_id),
+                    key=req.request_id,
+                )
+            )
             self.stats.rejected += 1
             log.info("dispatcher.rejected", reason=out.how)
             return "rejected"
-        a = Assignment(request=req, instance_id=out.instance_id, decision_id=out.decision_id,
-                       dispatched_at=time.time(), deadline=out.deadline,
-                       predicted_output_tokens=round(out.p50),
-                       predicted_output_p90=round(out.p90))
-        deliveries.append(await self._producer.send_nowait(s.instance_topic(out.instance_id), a,
-                                                           key=req.request_id))
+        a = Assignment(
+            request=req,
+            instance_id=out.instance_id,
+            decision_id=out.decision_id,
+            dispatched_at=time.time(),
+            deadline=out.deadline,
+            predicted_output_tokens=round(out.p50),
+            predicted_output_p90=round(out.p90),
+        )
+        deliveries.append(
+            await self._producer.send_nowait(
+                s.instance_topic(out.instance_id), a, key=req.request_id
+            )
+        )
         self.assignments[req.request_id] = a
         self.partition_of[req.request_id] = env.partition
         self.inputs[req.request_id] = x or to_predictor_input(req, out.input_tokens)
         self.stats.assigned += 1
-        log.debug("dispatcher.assigned", instance_id=out.instance_id,
-                  decision_id=out.decision_id, planned=out.planned_tokens)
+        log.debug(
+            "dispatcher.assigned",
+            instance_id=out.instance_id,
+            decision_id=out.decision_id,
+            planned=out.planned_tokens,
+        )
         return "assigned"
 
     def block_hashes(self, req: AgentRequest) -> list[int] | None:
@@ -393,8 +444,11 @@ class DispatcherService:
         self.stats.held += 1
         self.stats.held_now = len(self.held)
         if self.stats.held % 100 == 1:
-            log.warning("dispatcher.holding", held=len(self.held),
-                        reason="no instance is alive: holding requests (backpressure)")
+            log.warning(
+                "dispatcher.holding",
+                held=len(self.held),
+                reason="no instance is alive: holding requests (backpressure)",
+            )
         return "held"
 
     async def _retry_held(self) -> None:
@@ -418,14 +472,19 @@ class DispatcherService:
             await d
         await self._requests.commit(None)  # nothing is held any more: all handed out is done
 
-    async def _reject(self, env: Envelope[AgentRequest], err: GoodServeError,
-                      deliveries: list[Delivery]) -> None:
+    async def _reject(
+        self, env: Envelope[AgentRequest], err: GoodServeError, deliveries: list[Delivery]
+    ) -> None:
         assert self._producer is not None
         req = env.msg
         self.stats.rejected += 1
-        deliveries.append(await self._producer.send_nowait(
-            req.reply_to or self.settings.results_topic, _rejection(req, err, None),
-            key=req.request_id))
+        deliveries.append(
+            await self._producer.send_nowait(
+                req.reply_to or self.settings.results_topic,
+                _rejection(req, err, None),
+                key=req.request_id,
+            )
+        )
         await self._requests_dead_letter(env, err)
         log.info("dispatcher.invalid_request", error_code=err.code, error=str(err))
 
@@ -482,8 +541,9 @@ class DispatcherService:
                 self._confirm_handovers(msg)
         elif isinstance(msg, Result):
             a = self.assignments.get(msg.request_id)
-            self.metrics.observe_result(msg, a.predicted_output_tokens if a else None,
-                                        a.predicted_output_p90 if a else None)
+            self.metrics.observe_result(
+                msg, a.predicted_output_tokens if a else None, a.predicted_output_p90 if a else None
+            )
             self._on_result(msg, now)
         elif isinstance(msg, Checkpoint):
             self._on_checkpoint(msg, now)
@@ -528,22 +588,36 @@ class DispatcherService:
             a = self.assignments.get(p.request_id)
             if a is not None:
                 self.assignments[p.request_id] = _with(
-                    a, instance_id=h.target, attempt=a.attempt + 1,
-                    resume=h.checkpoint if h.checkpoint is not None else a.resume)
+                    a,
+                    instance_id=h.target,
+                    attempt=a.attempt + 1,
+                    resume=h.checkpoint if h.checkpoint is not None else a.resume,
+                )
 
-    def _move_estimate(self, rid: str, target: str, now: float,
-                       remaining_tokens: float | None = None) -> None:
+    def _move_estimate(
+        self, rid: str, target: str, now: float, remaining_tokens: float | None = None
+    ) -> None:
         """Count a moving request's remaining work on its target in the estimator."""
         tr = self.est.requests.get(rid)
         if tr is None or target not in self.est.index:
             return
-        rem = (remaining_tokens if remaining_tokens is not None
-               else max(tr.planned_tokens - tr.generated, 1.0))
+        rem = (
+            remaining_tokens
+            if remaining_tokens is not None
+            else max(tr.planned_tokens - tr.generated, 1.0)
+        )
         self.est.on_finish(rid, now=now)
-        self.est.on_assign(target, request_id=rid, input_tokens=tr.input_tokens,
-                           planned_tokens=max(tr.planned_tokens, tr.generated + rem),
-                           deadline=tr.deadline, now=now, p50=tr.p50, p90=tr.p90,
-                           generated=tr.generated)
+        self.est.on_assign(
+            target,
+            request_id=rid,
+            input_tokens=tr.input_tokens,
+            planned_tokens=max(tr.planned_tokens, tr.generated + rem),
+            deadline=tr.deadline,
+            now=now,
+            p50=tr.p50,
+            p90=tr.p90,
+            generated=tr.generated,
+        )
 
     def _on_result(self, r: Result, now: float) -> None:
         if r.status in ("rejected",):
@@ -555,8 +629,7 @@ class DispatcherService:
         decode_s = None
         if r.first_token_at and r.finished_at and r.migrations == 0:
             decode_s = r.finished_at - r.first_token_at
-        self.est.on_finish(r.request_id, now=now, output_tokens=r.output_tokens,
-                           decode_s=decode_s)
+        self.est.on_finish(r.request_id, now=now, output_tokens=r.output_tokens, decode_s=decode_s)
         x = self.inputs.pop(r.request_id, None)
         if x is not None and r.status == "ok" and self.router is not None:
             observe = getattr(self.router.predictor, "observe", None)
@@ -592,16 +665,29 @@ class DispatcherService:
         now = time.time()
         plans = self.monitor.plan(self.est, now)
         for plan in plans:
-            await self.command_migration(plan.request_id, plan.target, source=plan.source,
-                                         reason=plan.reason, risk=plan.risk,
-                                         remaining_tokens=plan.remaining_tokens, now=now)
+            await self.command_migration(
+                plan.request_id,
+                plan.target,
+                source=plan.source,
+                reason=plan.reason,
+                risk=plan.risk,
+                remaining_tokens=plan.remaining_tokens,
+                now=now,
+            )
             self.monitor.record(plan)
         return len(plans)
 
-    async def command_migration(self, request_id: str, target: str, *,
-                                source: str | None = None, reason: str = "operator",
-                                risk: float = 0.0, remaining_tokens: float | None = None,
-                                now: float | None = None) -> MigrationCommand:
+    async def command_migration(
+        self,
+        request_id: str,
+        target: str,
+        *,
+        source: str | None = None,
+        reason: str = "operator",
+        risk: float = 0.0,
+        remaining_tokens: float | None = None,
+        now: float | None = None,
+    ) -> MigrationCommand:
         """Move a running request to ``target``: the ``MigrationCommand`` goes to its
         instance's topic (and to the ``migrations`` audit topic); the source checkpoints it
         and hands it to ``target``. ``source`` defaults to where this replica placed it."""
@@ -612,9 +698,16 @@ class DispatcherService:
             if a is None:
                 raise ValueError(f"request {request_id!r} is not placed by this dispatcher")
             source = a.instance_id
-        cmd = MigrationCommand(migration_id=uuid.uuid4().hex, request_id=request_id,
-                               source=source, target=target, at=now, reason=reason, risk=risk,
-                               deadline=a.deadline if a else 0.0)
+        cmd = MigrationCommand(
+            migration_id=uuid.uuid4().hex,
+            request_id=request_id,
+            source=source,
+            target=target,
+            at=now,
+            reason=reason,
+            risk=risk,
+            deadline=a.deadline if a else 0.0,
+        )
         await self._ensure_instance_topic(target)
         await self._producer.send(self.settings.instance_topic(source), cmd, key=request_id)
         await self._producer.send(self.settings.migrations_topic, cmd, key=request_id)
@@ -623,8 +716,14 @@ class DispatcherService:
             # still on the source for reissuing until the target reports it (_Handover)
             self.handovers[request_id] = _Handover(source, target, now)
         self.stats.migrations += 1
-        log.info("dispatcher.migration", request_id=request_id, source=source, target=target,
-                 risk=round(risk, 3), reason=reason)
+        log.info(
+            "dispatcher.migration",
+            request_id=request_id,
+            source=source,
+            target=target,
+            risk=round(risk, 3),
+            reason=reason,
+        )
         return cmd
 
     async def _reissue_from_dead(self) -> None:
@@ -671,17 +770,22 @@ class DispatcherService:
             if a.instance_id != iid:
                 continue
             h = self.handovers.pop(rid, None)
-            prefer = (h.target if h is not None and h.source == iid and h.target not in self._dead
-                      else None)
+            prefer = (
+                h.target
+                if h is not None and h.source == iid and h.target not in self._dead
+                else None
+            )
             ck = self._latest_checkpoint(rid, h.checkpoint if h is not None else None)
             self.orphans[rid] = _Orphan(a.request, ck, a, prefer)
             n += 1
         for rid, h in list(self.handovers.items()):
             if h.target == iid and h.checkpoint is not None:
                 del self.handovers[rid]
-                self.orphans[rid] = _Orphan(h.checkpoint.request,
-                                            self._latest_checkpoint(rid, h.checkpoint),
-                                            self.assignments.get(rid))
+                self.orphans[rid] = _Orphan(
+                    h.checkpoint.request,
+                    self._latest_checkpoint(rid, h.checkpoint),
+                    self.assignments.get(rid),
+                )
                 n += 1
         log.warning("dispatcher.instance_dead", instance_id=iid, requests=n)
 
@@ -699,29 +803,48 @@ class DispatcherService:
         """Finish a dead source's handover: the Assignment it would have sent to the target."""
         assert self._producer is not None and o.assignment is not None and o.prefer is not None
         a, target = o.assignment, o.prefer
-        new = Assignment(request=o.request, instance_id=target, decision_id=a.decision_id,
-                         dispatched_at=now, deadline=a.deadline,
-                         predicted_output_tokens=a.predicted_output_tokens,
-                         predicted_output_p90=a.predicted_output_p90,
-                         attempt=a.attempt + 1, resume=ck)
+        new = Assignment(
+            request=o.request,
+            instance_id=target,
+            decision_id=a.decision_id,
+            dispatched_at=now,
+            deadline=a.deadline,
+            predicted_output_tokens=a.predicted_output_tokens,
+            predicted_output_p90=a.predicted_output_p90,
+            attempt=a.attempt + 1,
+            resume=ck,
+        )
         await self._ensure_instance_topic(target)
         await self._producer.send(self.settings.instance_topic(target), new, key=rid)
         del self.orphans[rid]
         self.assignments[rid] = new
         tr = self.est.requests.get(rid)
-        if (tr is None or self.est.infos[tr.slot].instance_id != target) and \
-                target in self.est.index:
+        if (
+            tr is None or self.est.infos[tr.slot].instance_id != target
+        ) and target in self.est.index:
             generated = len(ck.generated_token_ids) if ck is not None else 0
-            self.est.on_assign(target, request_id=rid, input_tokens=o.request.input_tokens or 0,
-                               planned_tokens=float(max(a.predicted_output_tokens, generated + 1)),
-                               deadline=a.deadline, now=now, generated=generated)
+            self.est.on_assign(
+                target,
+                request_id=rid,
+                input_tokens=o.request.input_tokens or 0,
+                planned_tokens=float(max(a.predicted_output_tokens, generated + 1)),
+                deadline=a.deadline,
+                now=now,
+                generated=generated,
+            )
         self.stats.reissued += 1
-        log.info("dispatcher.reissued", request_id=rid, instance_id=target, handover=True,
-                 from_checkpoint=ck is not None,
-                 resumed_tokens=len(ck.generated_token_ids) if ck is not None else 0)
+        log.info(
+            "dispatcher.reissued",
+            request_id=rid,
+            instance_id=target,
+            handover=True,
+            from_checkpoint=ck is not None,
+            resumed_tokens=len(ck.generated_token_ids) if ck is not None else 0,
+        )
 
-    async def _reissue(self, rid: str, req: AgentRequest, ck: Checkpoint | None,
-                       a: Assignment | None, now: float) -> None:
+    async def _reissue(
+        self, rid: str, req: AgentRequest, ck: Checkpoint | None, a: Assignment | None, now: float
+    ) -> None:
         assert self.router is not None and self._producer is not None
         x = self.inputs.get(rid)
         out = self.router.route(req, now, predictor_input=x, block_hashes=self.block_hashes(req))
@@ -730,16 +853,26 @@ class DispatcherService:
                 self._forget(rid)
                 await self._producer.send(
                     req.reply_to or self.settings.results_topic,
-                    _rejection(req, Unschedulable(
-                        f"its instance died and no other can take it: {out.how}"), None),
-                    key=rid)
+                    _rejection(
+                        req,
+                        Unschedulable(f"its instance died and no other can take it: {out.how}"),
+                        None,
+                    ),
+                    key=rid,
+                )
             return
         deadline = a.deadline if a is not None else out.deadline
-        new = Assignment(request=req, instance_id=out.instance_id,
-                         decision_id=out.decision_id, dispatched_at=now,
-                         deadline=deadline, predicted_output_tokens=int(out.p50),
-                         predicted_output_p90=int(out.p90),
-                         attempt=(a.attempt if a is not None else 0) + 1, resume=ck)
+        new = Assignment(
+            request=req,
+            instance_id=out.instance_id,
+            decision_id=out.decision_id,
+            dispatched_at=now,
+            deadline=deadline,
+            predicted_output_tokens=int(out.p50),
+            predicted_output_p90=int(out.p90),
+            attempt=(a.attempt if a is not None else 0) + 1,
+            resume=ck,
+        )
         await self._ensure_instance_topic(out.instance_id)
         await self._producer.send(self.settings.instance_topic(out.instance_id), new, key=rid)
         await self._producer.send(self.settings.decisions_topic, out.record(top_k=32), key=rid)
@@ -748,9 +881,13 @@ class DispatcherService:
         if x is None:
             self.inputs[rid] = to_predictor_input(req, out.input_tokens)
         self.stats.reissued += 1
-        log.info("dispatcher.reissued", request_id=rid, instance_id=out.instance_id,
-                 from_checkpoint=ck is not None,
-                 resumed_tokens=len(ck.generated_token_ids) if ck is not None else 0)
+        log.info(
+            "dispatcher.reissued",
+            request_id=rid,
+            instance_id=out.instance_id,
+            from_checkpoint=ck is not None,
+            resumed_tokens=len(ck.generated_token_ids) if ck is not None else 0,
+        )
 
 
 def _with(msg: Any, **changes: Any) -> Any:
@@ -761,8 +898,13 @@ def _with(msg: Any, **changes: Any) -> Any:
 
 def _rejection(req: AgentRequest, err: GoodServeError, decision_id: str | None) -> Result:
     return Result(
-        request_id=req.request_id, status="rejected", decision_id=decision_id,
-        workflow_id=req.workflow_id, arrival=req.arrival, finished_at=time.time(),
-        deadline=req.deadline, met_deadline=False,
+        request_id=req.request_id,
+        status="rejected",
+        decision_id=decision_id,
+        workflow_id=req.workflow_id,
+        arrival=req.arrival,
+        finished_at=time.time(),
+        deadline=req.deadline,
+        met_deadline=False,
         error=ErrorInfo(code=err.code, message=str(err), retriable=err.retriable),
     )

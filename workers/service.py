@@ -213,8 +213,9 @@ class WorkerService:
         self.duplicates_dropped = 0
         self.metrics = WorkerMetrics(instance_id)
         self.metrics.track_lag("assignments", lambda: self._consumer)
-        self._metrics_server = (MetricsServer(self.metrics, port=metrics_port)
-                                if metrics_port is not None else None)
+        self._metrics_server = (
+            MetricsServer(self.metrics, port=metrics_port) if metrics_port is not None else None
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
     @property
@@ -494,8 +495,9 @@ class WorkerService:
                         tr.first_token_at = time.time()
                     tr.cached_tokens = max(tr.cached_tokens, out.cached_tokens)
                     if a.request.metadata.get("stream") == "1":
-                        await self._send_chunk(tr, out.new_token_ids, out.new_text,
-                                               out.finished, out.finish_reason)
+                        await self._send_chunk(
+                            tr, out.new_token_ids, out.new_text, out.finished, out.finish_reason
+                        )
                     if out.finished:
                         reason = out.finish_reason
                         break
@@ -522,16 +524,24 @@ class WorkerService:
                 if settled:
                     await self._settle(tr.env)
 
-    async def _send_chunk(self, tr: _Tracked, ids: list[int], text: str, finished: bool,
-                          reason: str | None) -> None:
+    async def _send_chunk(
+        self, tr: _Tracked, ids: list[int], text: str, finished: bool, reason: str | None
+    ) -> None:
         """Stream progress to the gateway (``stream`` topic); a failure only costs the chunk."""
         if not (ids or text or finished) or self._producer is None:
             return
         rid = tr.assignment.request.request_id
-        chunk = TokenChunk(request_id=rid, index=tr.chunks, instance_id=self.instance_id,
-                           token_ids=list(ids), text=text, finished=finished,
-                           finish_reason=reason, resumed=tr.assignment.resume is not None,
-                           at=time.time())
+        chunk = TokenChunk(
+            request_id=rid,
+            index=tr.chunks,
+            instance_id=self.instance_id,
+            token_ids=list(ids),
+            text=text,
+            finished=finished,
+            finish_reason=reason,
+            resumed=tr.assignment.resume is not None,
+            at=time.time(),
+        )
         tr.chunks += 1
         try:
             await self._producer.send(self.settings.topic("stream"), chunk, key=rid)
@@ -547,8 +557,9 @@ class WorkerService:
         fin = self._finished
         fin[rid] = now
         fin.move_to_end(rid)
-        while fin and (len(fin) > self.finished_memory
-                       or next(iter(fin.values())) < now - self.finished_ttl_s):
+        while fin and (
+            len(fin) > self.finished_memory or next(iter(fin.values())) < now - self.finished_ttl_s
+        ):
             fin.popitem(last=False)
 
     async def _send_result(
@@ -593,8 +604,9 @@ class WorkerService:
         )
         assert self._producer is not None
         self._remember_finished(req.request_id)
-        await self._send_retrying(req.reply_to or self.settings.results_topic, res,
-                                  key=req.request_id)
+        await self._send_retrying(
+            req.reply_to or self.settings.results_topic, res, key=req.request_id
+        )
         self.results_produced += 1
         self.metrics.observe_result(res)
         extra = {"text": tr.text} if self.log_payloads else {}
@@ -608,8 +620,9 @@ class WorkerService:
             **extra,
         )
 
-    async def _send_retrying(self, topic: str, msg: Message, *, key: str,
-                             give_up_s: float = 120.0) -> None:
+    async def _send_retrying(
+        self, topic: str, msg: Message, *, key: str, give_up_s: float = 120.0
+    ) -> None:
         """Produce and wait for the ack, retrying through broker outages (a broker restart).
 
         The producer is idempotent, so a retry never duplicates a record it already wrote.
