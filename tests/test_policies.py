@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import pytest
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.policies.registry import BASELINES, make_policy, policy_names
@@ -85,8 +87,8 @@ def test_just_enough(
     case: str, gpus: tuple[str, ...], slo: float, tokens: int, expected: str | None
 ) -> None:
     est = fleet(*gpus)
-    # packing without the trust region (see test_trust_region_bounds_packing)
-    unbounded = {"trust_region": float("inf")}
+    # packing without keeping slack (see test_keep_slack_bounds_packing)
+    unbounded = {"keep_slack": 0.0}
     chosen = route(est, "goodserve", slo_s=slo, p50=tokens, overrides=unbounded)
     if case.startswith("medium"):
         assert chosen is not None and not chosen.startswith("h100")
@@ -139,14 +141,38 @@ def test_rejection_needs_a_confident_hopeless_prediction(
     assert (chosen is None) == rejected
 
 
-def test_trust_region_bounds_packing() -> None:
-    """By default the loose request stays within 1.5x of the earliest finish: not the V100."""
+@pytest.mark.parametrize(
+    ("case", "slo_of", "overrides", "v100_allowed"),
+    [
+        ("loose: keeps half the best slack even on the V100", lambda f: 60.0, {}, True),
+        ("medium: the V100 would eat the slack", lambda f: 1.2 * f[0], {}, False),
+        (
+            "a record from before keep_slack: the 1.5x trust region alone",
+            lambda f: 60.0,
+            {"keep_slack": None, "trust_region": 0.5},
+            False,
+        ),
+        ("packed: no slack kept", lambda f: 1.2 * f[0], {"keep_slack": 0.0}, True),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_keep_slack_bounds_packing(
+    case: str,
+    slo_of: Callable[[np.ndarray], float],
+    overrides: dict[str, object],
+    v100_allowed: bool,
+) -> None:
     est = fleet("V100", "A100", "H100")
     _, _, _, finish = est.estimate(100, 200)
-    chosen = route(est, "goodserve", slo_s=60.0, p50=200)
-    assert chosen is not None and chosen != "v100-0"
-    assert finish[est.slot(chosen)] <= 1.5 * finish.min()
-    assert finish[0] > 1.5 * finish.min()  # the V100 is outside the region
+    slo = slo_of(finish)
+    chosen = route(est, "goodserve", slo_s=slo, p50=200, overrides=overrides)
+    assert chosen is not None
+    assert (chosen == "v100-0") == v100_allowed
+    best = float(finish.min())
+    if "keep_slack" not in overrides:
+        assert slo - finish[est.slot(chosen)] >= 0.5 * (slo - best) - 1e-9
+    elif overrides.get("trust_region") == 0.5:
+        assert finish[est.slot(chosen)] <= 1.5 * best < finish[0]
 
 
 def test_best_effort_instead_of_rejection() -> None:

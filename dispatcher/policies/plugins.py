@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -183,28 +184,47 @@ def _sticky(config: PolicyConfig) -> SessionSticky:
 
 @dataclass(slots=True)
 class NearBest:
-    """Instances whose estimated finish is within ``1 + trust_region`` of the earliest.
+    """Instances that keep ``keep_slack`` of the slack the best instance would leave.
 
-    A trust region around earliest-finish: just-enough packs requests onto the slowest
-    instance that still makes the deadline, but the estimates for slow, busy instances
-    are where they are most often wrong (and wrong in the optimistic direction for the
-    one picked). Keeping the pick near the best estimate bounds what an estimation error
-    can cost; ``trust_region = inf`` packs without bound.
+    Just-enough packs requests onto the slowest instance that still makes the deadline,
+    but estimates are most often wrong for slow, busy instances, and wrong in the
+    optimistic direction for the one picked. So the pick must keep a share of the spare
+    time the earliest-finishing instance would have left (``deadline - finish >=
+    keep_slack * (deadline - best finish)``): a loose request may go far down the fleet,
+    a tight one stays near the best. ``trust_region`` adds a bound relative to the best
+    finish (``finish <= (1 + trust_region) * best``); ``inf`` and ``keep_slack = 0`` pack
+    without bound. (Records decided before ``keep_slack`` existed replay with
+    ``keep_slack = None``: the trust region alone.)
     """
 
     trust_region: float
+    keep_slack: float | None = None
     name: str = "near-best"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
-        if not np.isfinite(self.trust_region) or not mask.any():
+        if not mask.any():
             return mask
         f = ctx.finish
-        return mask & (f <= (1.0 + self.trust_region) * f[mask].min())
+        best = float(f[mask].min())
+        bound = math.inf
+        if self.keep_slack is not None and math.isfinite(ctx.deadline_in):
+            bound = ctx.deadline_in - self.keep_slack * max(ctx.deadline_in - best, 0.0)
+        if math.isfinite(self.trust_region):
+            bound = min(bound, (1.0 + self.trust_region) * best)
+        if not math.isfinite(bound):
+            return mask
+        return mask & (f <= max(bound, best))
 
 
 @register_filter("near-best")
 def _near_best(config: PolicyConfig) -> NearBest:
-    return NearBest(trust_region=float(config.get("trust_region", 0.5)))
+    keep = config.get("keep_slack")
+    # no trust_region: unbounded, unless the config predates keep_slack (then it was 0.5)
+    region = config.get("trust_region", math.inf if keep is not None else 0.5)
+    return NearBest(
+        trust_region=math.inf if region is None else float(region),
+        keep_slack=None if keep is None else float(keep),
+    )
 
 
 @register_filter("usable")

@@ -2,11 +2,11 @@
 
 | name | filters | scorers (weight) | picker |
 |---|---|---|---|
-| goodserve | usable, model-match, near-best (within 1.5x of the earliest finish), kv-headroom, meets-deadline, protects-residents (planning on the P90 length) | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
+| goodserve | usable, model-match, near-best (keeps half the slack the earliest-finishing instance would leave), kv-headroom, meets-deadline, protects-residents (planning on the P90 length) | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
 | goodserve-rescue | usable, model-match, within-reach (planning on the P50 length) | earliest-finish (1), prefix-cache (0.5) | max-score; none left: rejected |
 | goodserve-p50 | as goodserve, planning on the P50 length (for experiments) | just-enough (1) | max-score; fallback goodserve-rescue |
 | goodserve-nomigrate | same as goodserve | just-enough (1) | max-score; never migrates |
-| goodserve-packed | as goodserve without the trust region (packs onto the slowest instance that makes it) | just-enough (1), prefix-cache (2) | max-score; migrates |
+| goodserve-packed | as goodserve keeping no slack (packs onto the slowest instance that makes it) | just-enough (1), prefix-cache (2) | max-score; migrates |
 
 GoodServe plans on the P90 length so that requests that run long still make it,
 and among the instances that promise that picks the one with the least spare
@@ -42,7 +42,7 @@ GOODSERVE_CONFIG: dict[str, Any] = {
     "plan_quantile": "p90",
     "on_infeasible": "reject",
     "hopeless_factor": 1.1,
-    "trust_region": 0.5,
+    "keep_slack": 0.5,
     "margin_rel": 0.05,
     "margin_abs_s": 0.05,
     "kv_limit": 0.98,
@@ -88,7 +88,7 @@ SPECS: dict[str, PolicySpec] = {
             GOODSERVE_SCORERS,
             "max-score",
             fallback="goodserve-rescue",
-            config={**GOODSERVE_CONFIG, "trust_region": float("inf")},
+            config={**GOODSERVE_CONFIG, "keep_slack": 0.0},
             migrate=True,
         ),
         PolicySpec(
