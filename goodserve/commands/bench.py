@@ -17,6 +17,8 @@ def register(sub: Any) -> None:
     r.add_argument("--requests", type=int, default=20000)
     r.add_argument("--policy", default="goodserve")
     r.add_argument("--audit", action="store_true", help="also build each decision's audit record")
+    r.add_argument("--batch", type=int, default=1,
+                   help="requests per poll, predicted together (default 1: one by one)")
     r.add_argument("--json", action="store_true")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=run_router)
@@ -54,6 +56,7 @@ def run_router(args: argparse.Namespace) -> int:
         requests=args.requests,
         policy=args.policy,
         audit=args.audit,
+        batch=args.batch,
         progress=Progress("bench router", enabled=not args.quiet),
     )
     if args.json:
