@@ -87,7 +87,11 @@ class MonitorConfig:
     length, or its instance runs slower than estimated (``slowdown_ratio``). Load alone
     is the router's business: moving work between equally loaded instances only adds
     recomputation."""
-    slowdown_ratio: float = 1.5
+    slowdown_ratio: float = 2.0
+    """An instance counts as slowed when its recent TPOT correction is this many times its
+    long-run level (``FleetEstimator.slowdown``). At 1.5, KV-bound A100s running 2k-8k
+    contexts crossed it about 5% of the time and the moves cost 1-2 points on agent
+    workflows; a GPU dropping to 30% speed crosses 2.0 within about 1.4 s of heartbeats."""
     max_cached_share: float = 0.5
     """Leave a request alone when more than this share of its prompt was a cache hit."""
 
