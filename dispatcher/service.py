@@ -8,6 +8,17 @@ the request's offset only after both are acknowledged. Bad requests get a reject
 ``Result`` and a ``DeadLetter``; nothing is dropped silently. When no instance can
 take work it holds requests (bounded) and pauses consuming instead of overfilling
 queues. The risk monitor can run inside it (``monitor=True``).
+
+Placements (which instance runs which request, and what is needed to dispatch it again:
+the request, its latest checkpoint) live in memory. A replica reissues only the requests
+it *owns*: those whose requests-topic partition the group gave it (the partition a request
+arrived on; for one it did not route, the partition of its documented key, workflow id
+else request id). When it starts, and whenever the group gives it partitions it did not
+own, it rebuilds the in-flight placements of those partitions from the topics
+(``rebuild_placements``): the workers' unsettled Assignments on their instance topics,
+the checkpoints topic and the results topic, within ``rebuild_lookback_s``. So a request
+placed before a restart (or by a replica that left the group) is reissued when its worker
+dies, and by exactly one replica.
 """
 
 from __future__ import annotations
@@ -20,7 +31,12 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
+import msgspec
 import structlog
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.partitioner import murmur2
+from aiokafka.structs import ConsumerRecord, TopicPartition
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.policies.registry import make_policy
 from goodserve.dispatcher.router import Router, to_predictor_input
@@ -34,10 +50,17 @@ from goodserve.schemas import (
     Heartbeat,
     MigrationCommand,
     Result,
+    decode,
 )
 
 from goodserve.config import Settings
-from goodserve.errors import ConfigError, DuplicateRequest, GoodServeError, Unschedulable
+from goodserve.errors import (
+    ConfigError,
+    DuplicateRequest,
+    GoodServeError,
+    TransportError,
+    Unschedulable,
+)
 from goodserve.logging import get_logger
 from goodserve.metrics import DispatcherMetrics, MetricsServer
 from goodserve.sim.fleet import Fleet
@@ -48,10 +71,29 @@ from goodserve.sim.kvcache import (
 )
 from goodserve.transport.consumer import Envelope, TypedConsumer
 from goodserve.transport.deadletter import DeadLetterSink
+from goodserve.transport.kafka import kafka_client_kwargs, kafka_errors
 from goodserve.transport.producer import Delivery, TypedProducer
 from goodserve.transport.topics import ensure_topics, instance_topic_spec, standard_topics
 
 log = get_logger("goodserve.dispatcher")
+
+WORKER_GROUP = "goodserve-worker-{}"
+"""The consumer group of instance ``{}``'s worker (``WorkerService.group_id``): its committed
+offset on ``instance.<id>`` is where the worker's unsettled Assignments begin."""
+
+
+def request_partition(req: AgentRequest, partitions: int) -> int:
+    """The requests-topic partition of ``req`` under the protocol's key (workflow id, else
+    request id) and Kafka's default partitioner (murmur2, as the Java and aiokafka clients)."""
+    key = (req.workflow_id or req.request_id).encode()
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+class _ResultKey(msgspec.Struct):
+    """What a rebuild reads of a Result record (msgspec skips the rest of it)."""
+
+    kind: str = ""
+    request_id: str = ""
 
 
 @dataclass(slots=True)
@@ -68,6 +110,9 @@ class DispatcherStats:
     met: int = 0
     migrations: int = 0
     reissued: int = 0
+    rebuilds: int = 0
+    restored: int = 0
+    """Placements restored from the topics by rebuilds (``rebuild_placements``)."""
     decision_us: deque[float] = field(default_factory=lambda: deque(maxlen=10000))
 
 
@@ -100,7 +145,16 @@ class _Orphan:
 
 
 class DispatcherService:
-    """Routes agent requests to instances over Kafka (see module docstring)."""
+    """Routes agent requests to instances over Kafka (see module docstring).
+
+    ``rebuild_lookback_s`` (default 600 s; 0 turns rebuilding off): how far back a rebuild
+    reads the instance and checkpoints topics. A request placed longer ago than this and
+    still running when its worker dies is not reissued by a replica that did not place it
+    (a worker that comes back still runs it). The records read are only the workers'
+    unsettled Assignments (from their group's committed offset), the checkpoints in the
+    window and the Results since the oldest of those, so a rebuild's cost follows the work
+    in flight, not the request rate times the window.
+    """
 
     def __init__(
         self,
@@ -122,7 +176,10 @@ class DispatcherService:
         batch_size: int = 500,
         metrics_port: int | None = None,
         drain_timeout_s: float = 10.0,
+        rebuild_lookback_s: float = 600.0,
     ) -> None:
+        if not rebuild_lookback_s >= 0:
+            raise ConfigError(f"rebuild_lookback_s must be >= 0, got {rebuild_lookback_s}")
         if max_held < 0:
             raise ConfigError(f"max_held must be >= 0, got {max_held}")
         if default_slo_s <= 0:
@@ -134,6 +191,7 @@ class DispatcherService:
         self.default_slo_s = default_slo_s
         self.max_held = max_held
         self.drain_timeout_s = drain_timeout_s
+        self.rebuild_lookback_s = float(rebuild_lookback_s)
         self.batch_size = batch_size
         self.fleet = fleet
         self.est = FleetEstimator(stale_after_s=stale_after_s, require_heartbeat=True)
@@ -173,6 +231,14 @@ class DispatcherService:
         """Requests-topic partition each placed request came from (ownership, see _owns)."""
         self._dead: set[str] = set()
         """Instances declared dead and not heard from since."""
+        self._unheard: set[str] = set()
+        """Instances holding rebuilt placements that were not alive when rebuilt: dead unless
+        heard from before heartbeats have flowed for one stale period."""
+        self._owned: frozenset[int] | None = None
+        """Requests-topic partitions whose placements this replica holds (rebuilt)."""
+        self._rebuilding = False
+        self._rebuild_failures = 0
+        self._results_while_rebuilding: set[str] = set()
         self.stale_after_s = stale_after_s
         self._last_heartbeat = 0.0
         self._blackout_until = 0.0
@@ -287,6 +353,12 @@ class DispatcherService:
         """Partitions of the requests topic this replica owns now (0 until the group settles)."""
         c = self._requests._consumer if self._requests is not None else None
         return len(c.assignment()) if c is not None else 0
+
+    @property
+    def owned_partitions(self) -> frozenset[int] | None:
+        """Requests-topic partitions whose placements this replica holds and reissues (their
+        rebuild done); None until the group first gives it partitions."""
+        return self._owned
 
     async def run_until_stopped(self) -> None:
         await self._stopping.wait()
@@ -537,6 +609,7 @@ class DispatcherService:
                 self.est.on_heartbeat(msg, now=now)
             self.metrics.observe_heartbeat(msg)
             self._dead.discard(msg.instance_id)
+            self._unheard.discard(msg.instance_id)
             if self.handovers:
                 self._confirm_handovers(msg)
         elif isinstance(msg, Result):
@@ -620,6 +693,8 @@ class DispatcherService:
         )
 
     def _on_result(self, r: Result, now: float) -> None:
+        if self._rebuilding:
+            self._results_while_rebuilding.add(r.request_id)
         if r.status in ("rejected",):
             return
         self.stats.results += 1
@@ -651,6 +726,7 @@ class DispatcherService:
         while not self._stopping.is_set():
             await asyncio.sleep(period)
             try:
+                await self._sync_ownership()
                 await self._reissue_from_dead()
                 if self.monitor is not None and self._policy.migrate:
                     await self.migrate_at_risk()
@@ -739,16 +815,258 @@ class DispatcherService:
         if now - self._last_heartbeat <= self.stale_after_s and now >= self._blackout_until:
             for iid in self.est.expire(now):
                 self._instance_died(iid, now)
+            # rebuilt placements on instances this replica never heard from: gone
+            for iid in sorted(self._unheard):
+                self._instance_died(iid, now)
+            self._unheard.clear()
         if not self.orphans or not self.est.usable(now).any():
             return
+        own = self._ownership()
+        if own is None:
+            return  # the group has not given this replica its partitions yet
         for rid, o in list(self.orphans.items()):
-            if rid not in self.orphans:
-                continue
+            if rid not in self.orphans or not self._owns(rid, o.request, own):
+                continue  # another replica owns it and reissues it
             ck = self._latest_checkpoint(rid, o.checkpoint)
             if o.prefer is not None and o.assignment is not None and self._usable(o.prefer, now):
                 await self._hand_over(rid, o, ck, now)
             else:
                 await self._reissue(rid, o.request, ck, o.assignment, now)
+
+    # ------------------------------------------------------------------ ownership, rebuild
+    def _ownership(self) -> tuple[frozenset[int], int] | None:
+        """(the requests-topic partitions this replica owns now, the topic's partitions)."""
+        c = self._requests._consumer if self._requests is not None else None
+        if c is None:
+            return None
+        topic = self.settings.requests_topic
+        n = len(c.partitions_for_topic(topic) or ())
+        if n == 0:
+            return None
+        return frozenset(tp.partition for tp in c.assignment() if tp.topic == topic), n
+
+    def _owns(self, rid: str, req: AgentRequest, own: tuple[frozenset[int], int]) -> bool:
+        """Whether this replica reissues ``rid``: it owns the request's partition."""
+        p = self.partition_of.get(rid)
+        return (p if p is not None else request_partition(req, own[1])) in own[0]
+
+    async def _sync_ownership(self) -> None:
+        """Follow the group: forget placements of partitions taken away, rebuild those of
+        partitions given (all of them when this replica starts)."""
+        own = self._ownership()
+        if own is None or not own[0] or own[0] == self._owned:
+            return  # no partitions (yet, or in the middle of a rebalance): nothing changes
+        mine, n = own
+        before = self._owned or frozenset()
+        if before - mine:
+            self._drop_partitions(before - mine, n)
+        gained = mine - before
+        if gained and self.rebuild_lookback_s > 0:
+            try:
+                await self.rebuild_placements(gained, n)
+            except GoodServeError as e:
+                self._rebuild_failures += 1
+                if self._rebuild_failures < 3:  # retried next round
+                    log.warning("dispatcher.rebuild_failed", error_code=e.code, error=str(e))
+                    return
+                log.error(
+                    "dispatcher.rebuild_abandoned",
+                    error_code=e.code,
+                    error=str(e),
+                    partitions=sorted(gained),
+                    consequence="placements made before this replica owned these "
+                    "partitions are not reissued if their worker dies",
+                )
+        self._rebuild_failures = 0
+        self._owned = mine
+
+    def _drop_partitions(self, lost: frozenset[int], n: int) -> None:
+        """The group gave these partitions to another replica, which rebuilds their
+        placements: keeping them here would reissue its requests a second time."""
+        reqs = {rid: a.request for rid, a in self.assignments.items()}
+        reqs.update((rid, o.request) for rid, o in self.orphans.items())
+        dropped = 0
+        for rid, req in reqs.items():
+            p = self.partition_of.get(rid)
+            if (p if p is not None else request_partition(req, n)) in lost:
+                self._forget(rid)
+                dropped += 1
+        log.info("dispatcher.partitions_lost", partitions=sorted(lost), dropped=dropped)
+
+    async def rebuild_placements(self, partitions: frozenset[int], n: int) -> int:
+        """Restore the in-flight placements of requests in ``partitions`` (of ``n``).
+
+        Reads (within ``rebuild_lookback_s``) every instance topic from its worker group's
+        committed offset (the worker's unsettled Assignments: queued, running, or settled
+        out of order), the checkpoints topic, and the Results since the oldest of those;
+        keeps per request the latest Assignment (highest attempt) with no Result, and a
+        checkpoint newer than it (a drain hands the request back; a migration not yet
+        confirmed is a handover). A placement this replica made meanwhile wins. Returns the
+        number of placements restored.
+        """
+        s = self.settings
+        t0 = time.time()
+        since_ms = int((t0 - self.rebuild_lookback_s) * 1000)
+        self._rebuilding = True
+        self._results_while_rebuilding.clear()
+        consumer = AIOKafkaConsumer(
+            **kafka_client_kwargs(s, role="consumer", client_id=f"{s.client_id}-rebuild"),
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            fetch_max_wait_ms=50,
+        )
+        admin = AIOKafkaAdminClient(**kafka_client_kwargs(s, role="admin"))
+        try:
+            with kafka_errors("rebuild placements"):
+                await consumer.start()
+                await admin.start()
+                placed, cks, finished, scanned = await self._read_placements(
+                    consumer, admin, partitions, n, since_ms
+                )
+            return self._install(placed, cks, finished, partitions, n, scanned, t0)
+        finally:
+            self._rebuilding = False
+            self._results_while_rebuilding.clear()
+            with kafka_errors("rebuild: close"):
+                await consumer.stop()
+                await admin.close()
+
+    async def _read_placements(
+        self,
+        consumer: AIOKafkaConsumer,
+        admin: AIOKafkaAdminClient,
+        partitions: frozenset[int],
+        n: int,
+        since_ms: int,
+    ) -> tuple[dict[str, tuple[Assignment, int]], dict[str, Checkpoint], set[str], int]:
+        s = self.settings
+        parts = {
+            t["topic"]: sorted(p["partition"] for p in t["partitions"])
+            for t in await admin.describe_topics()
+            if not t.get("error_code")
+        }
+        prefix = s.instance_topic("")
+        topics = sorted(t for t in parts if t.startswith(prefix))
+        inst = [TopicPartition(t, p) for t in topics for p in parts[t]]
+
+        async def committed(topic: str) -> dict[TopicPartition, int]:
+            tps = [tp for tp in inst if tp.topic == topic]
+            group = WORKER_GROUP.format(topic[len(prefix) :])
+            got = await admin.list_consumer_group_offsets(group, partitions=tps)
+            return {tp: md.offset for tp, md in got.items() if md is not None and md.offset >= 0}
+
+        floors: dict[TopicPartition, int] = {}
+        for part in await asyncio.gather(*(committed(t) for t in topics)):
+            floors.update(part)
+        ck_tps = [
+            TopicPartition(s.checkpoints_topic, p) for p in parts.get(s.checkpoints_topic, ())
+        ]
+        ranges = await _ranges_since(consumer, [*inst, *ck_tps], since_ms, floors)
+        records = await _read_ranges(consumer, ranges)
+        placed: dict[str, tuple[Assignment, int]] = {}
+        cks: dict[str, tuple[Checkpoint, int]] = {}
+        for r in records:
+            try:
+                msg = decode(r.value or b"")
+            except GoodServeError:
+                continue  # dead-lettered by its consumer; nothing to restore
+            if isinstance(msg, Assignment):
+                rid = msg.request.request_id
+                if request_partition(msg.request, n) not in partitions:
+                    continue
+                cur = placed.get(rid)
+                if cur is None or (msg.attempt, msg.dispatched_at) >= (
+                    cur[0].attempt,
+                    cur[0].dispatched_at,
+                ):
+                    placed[rid] = (msg, r.timestamp)
+            elif isinstance(msg, Checkpoint) and r.topic == s.checkpoints_topic:
+                if request_partition(msg.request, n) not in partitions:
+                    continue
+                prev = cks.get(msg.request_id)
+                if prev is None or msg.migrations >= prev[0].migrations:
+                    cks[msg.request_id] = (msg, r.timestamp)
+        # Results can only follow the records they settle: read them from the oldest
+        # record that may still be waiting for one (an unsettled Assignment, a drain
+        # checkpoint nobody dispatched again), not from the start of the window
+        waiting = [ts for _, ts in placed.values()]
+        waiting += [ts for rid, (ck, ts) in cks.items() if ck.target is None and rid not in placed]
+        oldest = min(waiting, default=None)
+        finished: set[str] = set()
+        if oldest is not None:
+            res_topics = {s.results_topic}
+            res_topics.update(a.request.reply_to for a, _ in placed.values() if a.request.reply_to)
+            res_tps = [TopicPartition(t, p) for t in sorted(res_topics) for p in parts.get(t, ())]
+            res_ranges = await _ranges_since(consumer, res_tps, oldest, {})
+            for r in await _read_ranges(consumer, res_ranges):
+                try:
+                    key = msgspec.json.decode(r.value or b"", type=_ResultKey)
+                except msgspec.MsgspecError:
+                    continue
+                if key.kind == "result":
+                    finished.add(key.request_id)
+        return placed, {rid: ck for rid, (ck, _) in cks.items()}, finished, len(records)
+
+    def _install(
+        self,
+        placed: dict[str, tuple[Assignment, int]],
+        cks: dict[str, Checkpoint],
+        finished: set[str],
+        partitions: frozenset[int],
+        n: int,
+        scanned: int,
+        t0: float,
+    ) -> int:
+        """Put what a rebuild read into the tables (no awaits: the fleet loop cannot
+        interleave; Results it saw while the rebuild read are in _results_while_rebuilding)."""
+        now = time.time()
+        done = finished | self._results_while_rebuilding
+        restored = handed_back = 0
+        for rid, (a, _ts) in placed.items():
+            cur = self.assignments.get(rid)
+            if rid in done or (cur is not None and cur.dispatched_at >= a.dispatched_at):
+                continue  # finished, or placed by this replica since
+            self.assignments[rid] = a
+            self.partition_of[rid] = request_partition(a.request, n)
+            if a.resume is not None:
+                self.checkpoints[rid] = self._latest_checkpoint(rid, a.resume) or a.resume
+            restored += 1
+            if not self._alive(a.instance_id):
+                self._unheard.add(a.instance_id)
+            ck = cks.get(rid)
+            if ck is not None and ck.migrations > (a.resume.migrations if a.resume else 0):
+                self._on_checkpoint(ck, now)  # a drain or a handover not confirmed yet
+                if ck.target is not None and not self._alive(ck.target):
+                    self._unheard.add(ck.target)
+        for rid, ck in cks.items():
+            if (
+                ck.target is None
+                and ck.source != ""
+                and rid not in placed
+                and rid not in done
+                and rid not in self.assignments
+                and rid not in self.orphans
+            ):
+                # handed back by a draining worker and never dispatched again
+                self._on_checkpoint(ck, now)
+                handed_back += 1
+        self.stats.rebuilds += 1
+        self.stats.restored += restored
+        log.info(
+            "dispatcher.rebuilt",
+            partitions=sorted(partitions),
+            restored=restored,
+            handed_back=handed_back,
+            unheard_instances=sorted(self._unheard),
+            records=scanned,
+            seconds=round(time.time() - t0, 3),
+        )
+        return restored
+
+    def _alive(self, iid: str) -> bool:
+        i = self.est.index.get(iid)
+        return i is not None and bool(self.est.alive[i])
 
     def _instance_died(self, iid: str, now: float) -> None:
         """Make orphans of what a dead instance held, and of what was being handed to it.
@@ -888,6 +1206,53 @@ class DispatcherService:
             from_checkpoint=ck is not None,
             resumed_tokens=len(ck.generated_token_ids) if ck is not None else 0,
         )
+
+
+async def _ranges_since(
+    consumer: AIOKafkaConsumer,
+    tps: list[TopicPartition],
+    since_ms: int,
+    floors: dict[TopicPartition, int],
+) -> dict[TopicPartition, tuple[int, int]]:
+    """[first offset at or after ``since_ms`` (or the floor, if later), end) per partition."""
+    if not tps:
+        return {}
+    ends = await consumer.end_offsets(tps)
+    at = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+    out = {}
+    for tp in tps:
+        found = at.get(tp)
+        start = found.offset if found is not None else ends[tp]
+        out[tp] = (max(start, floors.get(tp, 0)), ends[tp])
+    return out
+
+
+async def _read_ranges(
+    consumer: AIOKafkaConsumer,
+    ranges: dict[TopicPartition, tuple[int, int]],
+    timeout_s: float = 60.0,
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record in [start, end) of each partition."""
+    todo = {tp: r for tp, r in ranges.items() if r[0] < r[1]}
+    out: list[ConsumerRecord[bytes, bytes]] = []
+    if not todo:
+        return out
+    consumer.assign(list(todo))
+    for tp, (start, _) in todo.items():
+        consumer.seek(tp, start)
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout_s
+    while todo:
+        if loop.time() > give_up:
+            raise TransportError(f"rebuild: reading {len(todo)} partitions took > {timeout_s}s")
+        batch = await consumer.getmany(*todo, timeout_ms=200)
+        for tp, recs in batch.items():
+            end = ranges[tp][1]
+            out.extend(r for r in recs if r.offset < end)
+        for tp in list(todo):
+            if await consumer.position(tp) >= todo[tp][1]:
+                del todo[tp]
+    return out
 
 
 def _with(msg: Any, **changes: Any) -> Any:

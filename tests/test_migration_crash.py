@@ -31,9 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from goodserve.dispatcher.predictor.model import ConstantPredictor
@@ -41,14 +39,15 @@ from goodserve.dispatcher.service import DispatcherService
 from goodserve.schemas import AgentRequest, Checkpoint, MigrationCommand, Result
 from goodserve.workers.engines.simulated import SimulatedEngine, synthetic_token_id
 from goodserve.workers.service import WorkerService
+from live_helpers import log_events, read_all, usable, wait_for
 
 from goodserve.chaos.failpoints import ENV as FAILPOINTS_ENV
 from goodserve.chaos.failpoints import EXIT_CODE
 from goodserve.chaos.load import CountingClient
-from goodserve.chaos.procs import ServiceProc, worker_proc
+from goodserve.chaos.procs import worker_proc
 from goodserve.config import Settings
 from goodserve.sim.fleet import Fleet, FleetInstance
-from goodserve.transport import TypedConsumer, TypedProducer, ensure_topics, instance_topic_spec
+from goodserve.transport import TypedProducer, ensure_topics, instance_topic_spec
 from goodserve.transport.topics import standard_topics
 
 pytestmark = pytest.mark.kafka
@@ -73,44 +72,6 @@ def request(rid: str) -> AgentRequest:
         slo_s=120.0,
         metadata={"sim_output_tokens": str(OUTPUT)},
     )
-
-
-async def wait_for(cond: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    end = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-async def read_all(settings: Settings, topic: str, kind: type) -> list[Any]:
-    """Every record of ``kind`` on a topic, from the start to its current end."""
-    got: list[Any] = []
-    c: TypedConsumer[Any] = TypedConsumer(
-        settings=settings,
-        topics=[topic],
-        group_id=None,
-        service="test-reader",
-        auto_offset_reset="earliest",
-    )
-    async with c:
-        idle = 0
-        while idle < 5:  # 5 empty polls of 200 ms in a row: the end
-            envs = await c.getmany(timeout_ms=200)
-            idle = 0 if envs else idle + 1
-            got.extend(e.msg for e in envs if isinstance(e.msg, kind))
-    return got
-
-
-def log_events(proc: ServiceProc, event: str) -> list[dict[str, Any]]:
-    out = []
-    for line in proc.log_text().splitlines():
-        if line.startswith("{") and f'"{event}"' in line:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
 
 
 class Rig:
@@ -168,7 +129,9 @@ class Rig:
         await self.d.start()
         await self.client.start()
         await self.producer.start()
-        await wait_for(lambda: self.usable(SRC) and self.usable(DST), "both workers alive", 60)
+        await wait_for(
+            lambda: usable(self.d, SRC) and usable(self.d, DST), "both workers alive", 60
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -177,10 +140,6 @@ class Rig:
         await self.client.stop()
         await self.d.stop()
         await self.survivor.stop(drain_timeout_s=0.0)
-
-    def usable(self, iid: str) -> bool:
-        i = self.d.est.index.get(iid)
-        return i is not None and bool(self.d.est.usable(time.time())[i])
 
     async def submit(self, rids: list[str]) -> None:
         for rid in rids:
