@@ -129,8 +129,11 @@ class RouteOutcome:
             )
             for i in order
         ]
+        # JSON has no infinity: unbounded settings (None, inf) are left out, as their default
         config: dict[str, float | int | str | bool] = {
-            k: v for k, v in self.policy.config.items() if isinstance(v, float | int | str | bool)
+            k: v
+            for k, v in self.policy.config.items()
+            if isinstance(v, int | str | bool) or (isinstance(v, float) and math.isfinite(v))
         }
         config.update({f"state.{k}": v for k, v in self.picker_state.items()})
         config["p99"] = self.ctx.p99

@@ -88,7 +88,7 @@ def test_just_enough(
 ) -> None:
     est = fleet(*gpus)
     # packing without keeping slack (see test_keep_slack_bounds_packing)
-    unbounded = {"keep_slack": 0.0}
+    unbounded = {"keep_slack": 0.0, "trust_region": None}
     chosen = route(est, "goodserve", slo_s=slo, p50=tokens, overrides=unbounded)
     if case.startswith("medium"):
         assert chosen is not None and not chosen.startswith("h100")
@@ -144,15 +144,31 @@ def test_rejection_needs_a_confident_hopeless_prediction(
 @pytest.mark.parametrize(
     ("case", "slo_of", "overrides", "v100_allowed"),
     [
-        ("loose: keeps half the best slack even on the V100", lambda f: 60.0, {}, True),
-        ("medium: the V100 would eat the slack", lambda f: 1.2 * f[0], {}, False),
+        (
+            "loose: keeps half the best slack even on the V100",
+            lambda f: 60.0,
+            {"trust_region": None},
+            True,
+        ),
+        (
+            "medium: the V100 would eat the slack",
+            lambda f: 1.2 * f[0],
+            {"trust_region": None},
+            False,
+        ),
+        ("by default also within 2x of the best finish", lambda f: 60.0, {}, False),
         (
             "a record from before keep_slack: the 1.5x trust region alone",
             lambda f: 60.0,
             {"keep_slack": None, "trust_region": 0.5},
             False,
         ),
-        ("packed: no slack kept", lambda f: 1.2 * f[0], {"keep_slack": 0.0}, True),
+        (
+            "packed: no slack kept",
+            lambda f: 1.2 * f[0],
+            {"keep_slack": 0.0, "trust_region": None},
+            True,
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -171,6 +187,8 @@ def test_keep_slack_bounds_packing(
     best = float(finish.min())
     if "keep_slack" not in overrides:
         assert slo - finish[est.slot(chosen)] >= 0.5 * (slo - best) - 1e-9
+    if not overrides:
+        assert finish[est.slot(chosen)] <= 2.0 * best < finish[0]
     elif overrides.get("trust_region") == 0.5:
         assert finish[est.slot(chosen)] <= 1.5 * best < finish[0]
 
@@ -290,6 +308,7 @@ def test_unknown_policy_lists_known_ones() -> None:
     "policy",
     [
         "goodserve",
+        "goodserve-packed",
         "random",
         "power-of-two",
         "round-robin",

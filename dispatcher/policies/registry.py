@@ -2,7 +2,7 @@
 
 | name | filters | scorers (weight) | picker |
 |---|---|---|---|
-| goodserve | usable, model-match, near-best (keeps half the slack the earliest-finishing instance would leave), kv-headroom, meets-deadline, protects-residents (planning on the P90 length) | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
+| goodserve | usable, model-match, near-best (keeps half the slack the earliest-finishing instance would leave, finishes within 2x of it), kv-headroom, meets-deadline, protects-residents (planning on the P90 length) | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
 | goodserve-rescue | usable, model-match, within-reach (planning on the P50 length) | earliest-finish (1), prefix-cache (0.5) | max-score; none left: rejected |
 | goodserve-p50 | as goodserve, planning on the P50 length (for experiments) | just-enough (1) | max-score; fallback goodserve-rescue |
 | goodserve-nomigrate | same as goodserve | just-enough (1) | max-score; never migrates |
@@ -43,6 +43,7 @@ GOODSERVE_CONFIG: dict[str, Any] = {
     "on_infeasible": "reject",
     "hopeless_factor": 1.1,
     "keep_slack": 0.5,
+    "trust_region": 1.0,
     "margin_rel": 0.05,
     "margin_abs_s": 0.05,
     "kv_limit": 0.98,
@@ -88,7 +89,7 @@ SPECS: dict[str, PolicySpec] = {
             GOODSERVE_SCORERS,
             "max-score",
             fallback="goodserve-rescue",
-            config={**GOODSERVE_CONFIG, "keep_slack": 0.0},
+            config={**GOODSERVE_CONFIG, "keep_slack": 0.0, "trust_region": None},
             migrate=True,
         ),
         PolicySpec(
