@@ -126,7 +126,6 @@ class _Handover:
 
     source: str
     target: str
-    since: float
     checkpoint: Checkpoint | None = None
     """The source's checkpoint for this move, once read from the checkpoints topic."""
 
@@ -644,7 +643,7 @@ class DispatcherService:
         h = self.handovers.get(rid)
         if h is None or h.target != ck.target:
             # commanded by a monitor outside this process: learn of the move from here
-            h = self.handovers[rid] = _Handover(ck.source, ck.target, now)
+            h = self.handovers[rid] = _Handover(ck.source, ck.target)
             self._move_estimate(rid, ck.target, now)
         h.checkpoint = ck
         if ck.target in self._dead:  # handed to an instance that is gone: resume elsewhere
@@ -790,7 +789,7 @@ class DispatcherService:
         self._move_estimate(request_id, target, now, remaining_tokens)
         if a is not None:
             # still on the source for reissuing until the target reports it (_Handover)
-            self.handovers[request_id] = _Handover(source, target, now)
+            self.handovers[request_id] = _Handover(source, target)
         self.stats.migrations += 1
         log.info(
             "dispatcher.migration",
