@@ -39,7 +39,7 @@ from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.policies.registry import make_policy
-from goodserve.dispatcher.router import Router, to_predictor_input
+from goodserve.dispatcher.router import Predicted, Router, to_predictor_input
 from goodserve.dispatcher.validation import Limits, SeenRequests, validate_request
 from goodserve.monitor.risk import MonitorConfig, RiskMonitor
 from goodserve.schemas import (
@@ -385,15 +385,28 @@ class DispatcherService:
                 await asyncio.sleep(0.5)
 
     async def handle_batch(self, envs: list[Envelope[AgentRequest]]) -> None:
-        """Route a batch, wait for its records to be acknowledged, then commit it."""
+        """Route a batch, wait for its records to be acknowledged, then commit it.
+
+        Requests are validated first; those to route are predicted together (one forest
+        walk for the poll) and then routed one by one in arrival order.
+        """
         assert self._requests is not None
         deliveries: list[Delivery] = []
         done: list[Envelope[AgentRequest]] = []
         now = time.time()
+        admitted: list[Envelope[AgentRequest]] = []
         for env in envs:
             self.stats.received += 1
             with structlog.contextvars.bound_contextvars(request_id=env.msg.request_id):
-                outcome = await self._handle_one(env, now, deliveries)
+                admission = await self._admit(env, now, deliveries)
+            if isinstance(admission, Envelope):
+                admitted.append(admission)
+            elif admission != "held":
+                done.append(env)
+        predicted = self._predict_batch([e.msg for e in admitted])
+        for env, p in zip(admitted, predicted, strict=True):
+            with structlog.contextvars.bound_contextvars(request_id=env.msg.request_id):
+                outcome = await self._route(env, now, deliveries, predicted=p)
             if outcome != "held":
                 done.append(env)
         try:
@@ -420,9 +433,21 @@ class DispatcherService:
         if done:
             await self._requests.commit(done)
 
-    async def _handle_one(
+    def _predict_batch(self, reqs: list[AgentRequest]) -> list[Predicted | None]:
+        """Predicted lengths of a poll's requests at once; None where a request must be
+        predicted on its own (a failure there is then that request's alone)."""
+        if len(reqs) < 2 or self.router is None:
+            return [None] * len(reqs)
+        try:
+            return list(self.router.predict(reqs))
+        except Exception as e:  # one bad request must not fail the whole batch
+            log.warning("dispatcher.batch_predict_failed", error=repr(e), size=len(reqs))
+            return [None] * len(reqs)
+
+    async def _admit(
         self, env: Envelope[AgentRequest], now: float, deliveries: list[Delivery]
-    ) -> str:
+    ) -> Envelope[AgentRequest] | str:
+        """Validate a request: the envelope to route, or what became of it instead."""
         req = env.msg
         if req.arrival is None:
             req = _with(req, arrival=env.timestamp or now)
@@ -442,16 +467,29 @@ class DispatcherService:
             return "rejected"
         if not self.est.usable(now).any():
             return self._hold(env, now)
-        return await self._route(env, now, deliveries)
+        return env
 
     async def _route(
-        self, env: Envelope[AgentRequest], now: float, deliveries: list[Delivery]
+        self,
+        env: Envelope[AgentRequest],
+        now: float,
+        deliveries: list[Delivery],
+        *,
+        predicted: Predicted | None = None,
     ) -> str:
         assert self.router is not None and self._producer is not None
         req = env.msg
         t0 = time.perf_counter()
-        x = to_predictor_input(req, req.input_tokens or 0) if req.input_tokens else None
-        out = self.router.route(req, now, predictor_input=x, block_hashes=self.block_hashes(req))
+        x = predicted.x if predicted is not None else None
+        if x is None and req.input_tokens:
+            x = to_predictor_input(req, req.input_tokens)
+        out = self.router.route(
+            req,
+            now,
+            predictor_input=x,
+            block_hashes=self.block_hashes(req),
+            predicted=predicted,
+        )
         self.stats.decision_us.append((time.perf_counter() - t0) * 1e6)
         self.metrics.observe_decision(time.perf_counter() - t0, out.instance_id)
         record = out.record(top_k=32)
