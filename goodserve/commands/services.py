@@ -29,6 +29,9 @@ def register(sub: Any) -> None:
     d.add_argument("--no-max-tokens-bound", action="store_true",
                    default=os.environ.get("GOODSERVE_NO_MAX_TOKENS_BOUND", "") in ("1", "true"),
                    help="let the predictor alone decide the planned length (max_tokens no cap)")
+    d.add_argument("--rebuild-lookback-s", type=float, default=600.0,
+                   help="on start and rebalance, rebuild in-flight placements from the last "
+                        "this many seconds of the topics (0: off; default 600)")
     d.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     d.set_defaults(func=run_dispatcher)
     m = sub.add_parser("monitor", help="run the standalone risk monitor (migrations)")
@@ -62,7 +65,7 @@ def run_dispatcher(args: argparse.Namespace) -> int:
         fleet=load_fleet(args.fleet) if args.fleet else None, group_id=args.group_id,
         monitor=not args.no_monitor, default_slo_s=args.default_slo_s,
         max_tokens_bound=not args.no_max_tokens_bound,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, rebuild_lookback_s=args.rebuild_lookback_s,
     )
     asyncio.run(serve_until_signal(svc.start, svc.stop))
     return 0
