@@ -27,6 +27,7 @@ from goodserve.perf.latency import PerfModel
 from goodserve.sim.instance import SimInstance, SimRequest
 
 RERUN = DEFAULT_MEASUREMENTS.with_name("vllm_cpu_tiny_llama_rerun.json")
+QUIET = DEFAULT_MEASUREMENTS.with_name("vllm_cpu_tiny_llama_quiet.json")
 
 
 def test_fit_reproduces_measured_step_times() -> None:
@@ -96,6 +97,15 @@ def test_rerun_measurement_fits_and_replays() -> None:
     assert len(rep.requests) == 16
     # measured 48.6% median; its curves are noisier (decode MAPE 22%)
     assert rep.latency_median_ape_pct <= 55.0
+
+
+def test_quiet_measurement_replays_within_fifteen_percent() -> None:
+    """Measured on the idle machine, mean step times (scripts/measure-vllm-cpu.py): 12.6%."""
+    fit = fit_cpu_profile(QUIET)
+    assert len(fit.errors("decode")) == 6 and max(fit.errors("decode")) <= 15.0
+    rep = simulate_mix(QUIET)
+    assert len(rep.requests) == 16
+    assert rep.latency_median_ape_pct <= 15.0 and rep.latency_p90_ape_pct <= 30.0
 
 
 def test_bad_measurements_file(tmp_path: Path) -> None:
