@@ -75,7 +75,7 @@ async def test_hostile_input_dead_lettered_valid_served(kafka_bootstrap: str,
 
 async def test_soak_short_backlog_and_rss(kafka_bootstrap: str, tmp_path: Path) -> None:
     figs = await scenarios.soak(duration_s=20, rps=100, warmup_s=6, sample_s=2,
-                                bootstrap=kafka_bootstrap, workdir=tmp_path)
+                                steady_after_s=12, bootstrap=kafka_bootstrap, workdir=tmp_path)
     show(figs)
     assert figs["missing"] == 0 and figs["requests"] >= 1900
     assert figs["requests_lag_last"] is not None and figs["requests_lag_last"] < 200
@@ -83,6 +83,8 @@ async def test_soak_short_backlog_and_rss(kafka_bootstrap: str, tmp_path: Path) 
     assert figs["services_alive"]
     # a 14 s window is noisy (allocator warm-up); the 10-minute soak targets < 10%
     assert figs["max_rss_growth_pct"] is not None and figs["max_rss_growth_pct"] < 25
+    assert figs["rss_steady_from_s"] is not None and figs["rss_steady_from_s"] >= 12
+    assert set(figs["rss_steady_growth_pct"]) == set(figs["rss_growth_pct"])
 
 
 async def test_scram_tls_every_service(kafka_broker_factory: Callable[..., Any],

@@ -325,9 +325,13 @@ async def hostile(*, bad: int = 1000, valid: int = 1000, rps: float = 100.0,
 async def soak(*, duration_s: float = 600.0, rps: float = 500.0, warmup_s: float | None = None,
                sample_s: float = 5.0, workdir: str | Path | None = None,
                bootstrap: str | None = None, result_timeout_s: float = 120.0,
-               slo_s: float = 10.0, progress: Progress = _quiet,
-               **cluster_kw: Any) -> dict[str, Any]:
+               slo_s: float = 10.0, steady_after_s: float = 180.0,
+               progress: Progress = _quiet, **cluster_kw: Any) -> dict[str, Any]:
     """``rps`` for ``duration_s``: backlog samples and RSS of every service, start vs end.
+
+    RSS growth is reported twice: from the end of the warm-up, and from ``steady_after_s``
+    on, when the memories that are bounded by time (the 120 s de-duplication windows) are
+    full: growth after that point is what a leak would look like.
 
     The SLO is tight (10 s) on purpose: with a loose one the just-enough policy rightly
     queues everything on the slowest instance that still makes it, which looks like a
@@ -373,6 +377,12 @@ async def soak(*, duration_s: float = 600.0, rps: float = 500.0, warmup_s: float
         figs = delivery_figures(client, gen.stats.ids)
         growth = {k: round(100.0 * (rss_end[k] - v) / v, 1) for k, v in rss_start.items()
                   if v and rss_end.get(k)}
+        steady = next((x for x in samples if x["t_s"] >= steady_after_s), None)
+        steady_growth = (
+            {k: round(100.0 * (rss_end[k] / 2**20 - v) / v, 1)
+             for k, v in steady["rss_mb"].items() if v and rss_end.get(k)}
+            if steady is not None else {}
+        )
         lags = [x["requests_lag"] for x in samples]
         outstanding = [x["outstanding"] for x in samples]
         half = len(lags) // 2
@@ -390,6 +400,9 @@ async def soak(*, duration_s: float = 600.0, rps: float = 500.0, warmup_s: float
             "rss_end_mb": {k: round(v / 2**20, 1) for k, v in rss_end.items()},
             "rss_growth_pct": growth,
             "max_rss_growth_pct": max(growth.values()) if growth else None,
+            "rss_steady_from_s": steady["t_s"] if steady is not None else None,
+            "rss_steady_growth_pct": steady_growth,
+            "max_rss_steady_growth_pct": max(steady_growth.values()) if steady_growth else None,
             "requests_lag_first_half_max": max(lags[:half], default=0),
             "requests_lag_second_half_max": max(lags[half:], default=0),
             "requests_lag_last": lags[-1] if lags else None,
