@@ -7,8 +7,6 @@ rejected ``Result`` for the client and a ``DeadLetter`` for operators.
 from __future__ import annotations
 
 import math
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from goodserve.dispatcher.router import deadline_of, input_tokens_of
@@ -20,6 +18,7 @@ from goodserve.errors import (
     PromptTooLarge,
     UnknownModel,
 )
+from goodserve.recent_ids import RecentIds
 
 
 @dataclass(slots=True)
@@ -75,24 +74,20 @@ def validate_request(req: AgentRequest, now: float, limits: Limits,
 class SeenRequests:
     """Request ids seen in the last ``ttl_s`` seconds (at most ``capacity``): duplicates are
     refused. Bounded by time as well as count so memory stays flat under sustained load: a
-    re-delivery (crash, rewind) arrives within seconds, not minutes."""
+    re-delivery (crash, rewind) arrives within seconds, not minutes. Ids are kept as 64-bit
+    hashes (``goodserve.recent_ids``): ~70-100 bytes each."""
 
     def __init__(self, capacity: int = 200_000, ttl_s: float = 120.0) -> None:
         self.capacity = capacity
         self.ttl_s = ttl_s
-        self._ids: OrderedDict[str, float] = OrderedDict()
+        self._ids = RecentIds(ttl_s=ttl_s, capacity=capacity)
 
     def check_and_add(self, request_id: str, now: float | None = None) -> None:
-        t = time.monotonic() if now is None else now
-        ids = self._ids
-        while ids and (len(ids) >= self.capacity or next(iter(ids.values())) < t - self.ttl_s):
-            ids.popitem(last=False)
-        if request_id in ids:
+        if not self._ids.add(request_id, now, refresh=False):
             raise DuplicateRequest(f"request id {request_id!r} was already accepted")
-        ids[request_id] = t
 
     def discard(self, request_id: str) -> None:
-        self._ids.pop(request_id, None)
+        self._ids.discard(request_id)
 
     def __len__(self) -> int:
         return len(self._ids)

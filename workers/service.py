@@ -65,6 +65,7 @@ from goodserve.errors import (
 )
 from goodserve.logging import get_logger
 from goodserve.metrics import MetricsServer, WorkerMetrics
+from goodserve.recent_ids import RecentIds
 from goodserve.transport import (
     DeadLetterSink,
     Envelope,
@@ -191,9 +192,9 @@ class WorkerService:
         self._producer: TypedProducer | None = None
         self._consumer: TypedConsumer[Message] | None = None
         self._tracked: dict[str, _Tracked] = {}
-        self._finished: OrderedDict[str, float] = OrderedDict()
         self.finished_ttl_s = 120.0
         """Finished ids are remembered this long (and at most ``finished_memory``)."""
+        self._finished = RecentIds(ttl_s=self.finished_ttl_s, capacity=self.finished_memory)
         self._uncommitted: OrderedDict[int, Envelope[Message]] = OrderedDict()
         self._settled: set[int] = set()
         self._commit_next: Envelope[Message] | None = None
@@ -553,14 +554,7 @@ class WorkerService:
             self._slots.release()
 
     def _remember_finished(self, rid: str) -> None:
-        now = time.monotonic()
-        fin = self._finished
-        fin[rid] = now
-        fin.move_to_end(rid)
-        while fin and (
-            len(fin) > self.finished_memory or next(iter(fin.values())) < now - self.finished_ttl_s
-        ):
-            fin.popitem(last=False)
+        self._finished.add(rid)
 
     async def _send_result(
         self,
