@@ -294,6 +294,21 @@ class FleetEstimator:
         """What a request's own KV adds to every instance's TPOT (mean context while decoding)."""
         return self.dc * self.tpot_corr * self.stretch * (input_tokens + 0.5 * output_tokens)
 
+    def _model_tpot(self, i: int, batch: float) -> float:
+        """``tpot`` of one instance before its corrections (scalar: the update paths)."""
+        ctx = min(self.hb_kv_used[i], self.kv_total[i])
+        return float(self.d0[i] + self.d1[i] * batch + self.dc[i] * ctx)
+
+    def _model_prefill(self, i: int, tokens: float, cached: float = 0.0) -> float:
+        """``prefill`` of one instance before its correction (scalar: the update paths)."""
+        return float(self.pb[i] + self.pf[i] * tokens + self.pq[i] * tokens * (2 * cached + tokens))
+
+    def _set_busy(self, i: int, busy: float, now: float) -> None:
+        """Record instance i's prefill share at ``now`` and the TPOT stretch it implies."""
+        self.prefill_busy[i] = busy
+        self.busy_at[i] = now
+        self.stretch[i] = 1.0 / (1.0 - min(busy, _MAX_BUSY))
+
     def active(self) -> np.ndarray:
         """Requests on each instance: heartbeat counts or our own tracking, whichever is larger."""
         return np.maximum(self.n_active, self.hb_running + self.hb_waiting)
@@ -337,14 +352,12 @@ class FleetEstimator:
         mean_ctx = float(self.ctx_tokens[i]) / n if n > 0 else 1024.0
         lim = min(max(float(self.kv_total[i]) / max(mean_ctx, 1.0), 1.0), float(self.max_batch[i]))
         after = active + 1.0
-        d0, d1 = float(self.d0[i]), float(self.d1[i])
         tc = float(self.tpot_corr[i]) * float(self.stretch[i])
-        ctx = float(self.dc[i]) * min(float(self.hb_kv_used[i]), float(self.kv_total[i]))
         wait = (
             max(after - lim, 0.0)
             / lim
             * (float(self.rem_tokens[i]) / max(n, 1.0))
-            * ((d0 + d1 * lim + ctx) * tc)
+            * (self._model_tpot(i, lim) * tc)
         )
         pend = float(self.pending_prefill[i])
         pb = float(self.pb[i])
@@ -352,15 +365,13 @@ class FleetEstimator:
             pb if pend > 0 else 0.0
         )
         self.q_cache[i] = float(self.queue_s[i]) + wait + pre
-        self.d_cache[i] = (d0 + d1 * min(after, lim) + ctx) * tc
+        self.d_cache[i] = self._model_tpot(i, min(after, lim)) * tc
 
     def _decay_busy(self, i: int, now: float) -> None:
         """Let the recent prefill work of instance i age to ``now``."""
         dt = now - float(self.busy_at[i])
         if dt > 0:
-            self.prefill_busy[i] *= math.exp(-dt / self.busy_window_s)
-            self.busy_at[i] = now
-            self.stretch[i] = 1.0 / (1.0 - min(float(self.prefill_busy[i]), _MAX_BUSY))
+            self._set_busy(i, float(self.prefill_busy[i]) * math.exp(-dt / self.busy_window_s), now)
 
     def refresh_all(self) -> None:
         for i in range(len(self.infos)):
@@ -431,11 +442,9 @@ class FleetEstimator:
         self.hb_kv_used[i] += input_tokens + generated
         if new_tokens:
             self._decay_busy(i, now)
-            c = float(input_tokens + generated - new_tokens)
-            n = new_tokens
-            work = self.pb[i] + self.pf[i] * n + self.pq[i] * n * (2 * c + n)
-            self.prefill_busy[i] += float(work * self.prefill_corr[i]) / self.busy_window_s
-            self.stretch[i] = 1.0 / (1.0 - min(float(self.prefill_busy[i]), _MAX_BUSY))
+            work = self._model_prefill(i, new_tokens, input_tokens + generated - new_tokens)
+            work *= float(self.prefill_corr[i])
+            self._set_busy(i, float(self.prefill_busy[i]) + work / self.busy_window_s, now)
         slack = self._slack(tr, i, now)
         if slack < self.min_slack[i]:
             self.min_slack[i] = slack
@@ -448,12 +457,9 @@ class FleetEstimator:
         active = max(self.n_active[i], self.hb_running[i] + self.hb_waiting[i])
         mean_ctx = self.ctx_tokens[i] / self.n_active[i] if self.n_active[i] > 0 else 1024.0
         batch = min(active, self.max_batch[i], max(self.kv_total[i] / max(mean_ctx, 1.0), 1.0))
-        ctx = min(self.hb_kv_used[i], self.kv_total[i])
-        tpot = self.d0[i] + self.d1[i] * batch + self.dc[i] * ctx
-        t = tpot * self.tpot_corr[i] * self.stretch[i] * rem
+        t = self._model_tpot(i, batch) * self.tpot_corr[i] * self.stretch[i] * rem
         if not tr.started:
-            n = tr.input_tokens
-            t += (self.pb[i] + self.pf[i] * n + self.pq[i] * n * n) * self.prefill_corr[i]
+            t += self._model_prefill(i, tr.input_tokens) * self.prefill_corr[i]
         return float(tr.deadline - now - t)
 
     def _forget(self, tr: TrackedRequest) -> None:
@@ -492,9 +498,7 @@ class FleetEstimator:
         a = self.alpha
         if prefill_s is not None and prefill_s > 0:
             new = max(tr.input_tokens - tr.cached_tokens, 1)
-            model = float(
-                self.pb[i] + self.pf[i] * new + self.pq[i] * new * (2 * tr.cached_tokens + new)
-            )
+            model = self._model_prefill(i, new, tr.cached_tokens)
             self.prefill_corr[i] = (1 - a) * self.prefill_corr[i] + a * _clip(prefill_s / model)
         if queue_s is not None:
             self.queue_s[i] = (1 - a) * self.queue_s[i] + a * max(queue_s, 0.0)
@@ -516,8 +520,7 @@ class FleetEstimator:
         if decode_s is not None and output_tokens and output_tokens > 1:
             observed = decode_s / (output_tokens - 1)
             batch = max(min(float(self.active()[i]), float(self.max_batch[i])), 1.0)
-            ctx = min(float(self.hb_kv_used[i]), float(self.kv_total[i]))
-            model = float(self.d0[i] + self.d1[i] * batch + self.dc[i] * ctx) * self.stretch[i]
+            model = self._model_tpot(i, batch) * float(self.stretch[i])
             self.tpot_corr[i] = (1 - self.alpha) * self.tpot_corr[i] + self.alpha * _clip(
                 observed / model
             )
@@ -550,8 +553,7 @@ class FleetEstimator:
             self.hb_kv_used[i] = ours + max(hb.running - len(reqs), 0) * _FIT_CONTEXT
         if hb.tpot_s > 0 and hb.running > 0:
             batch = min(float(hb.running), float(self.max_batch[i]))
-            ctx = min(float(self.hb_kv_used[i]), float(self.kv_total[i]))
-            model = float(self.d0[i] + self.d1[i] * batch + self.dc[i] * ctx) * self.stretch[i]
+            model = self._model_tpot(i, batch) * float(self.stretch[i])
             self.tpot_corr[i] = (1 - self.alpha) * self.tpot_corr[i] + self.alpha * _clip(
                 hb.tpot_s / model
             )

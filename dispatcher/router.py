@@ -203,7 +203,8 @@ class Router:
         self, reqs: Sequence[AgentRequest], inputs: Sequence[Any] | None = None
     ) -> list[Predicted]:
         """Predict a batch of requests at once: the forest walks every row together, which
-        costs a fraction of one-by-one predictions (pass each to ``route``)."""
+        costs a fraction of one-by-one predictions (pass each to ``route``). A predictor's
+        ``predict_batch(xs, feats)``, where it has one, gets the features made here."""
         xs = (
             list(inputs)
             if inputs is not None
@@ -212,7 +213,7 @@ class Router:
         feats = [self.predictor.features(x) for x in xs]
         batch = getattr(self.predictor, "predict_batch", None)
         if batch is not None and len(xs) > 1:
-            preds = batch(xs)
+            preds = batch(xs, feats)
         else:
             preds = [self.predictor.predict(x) for x in xs]
         return [

@@ -39,7 +39,7 @@ from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.policies.registry import make_policy
-from goodserve.dispatcher.router import Predicted, Router, to_predictor_input
+from goodserve.dispatcher.router import Predicted, Router, input_tokens_of, to_predictor_input
 from goodserve.dispatcher.validation import Limits, SeenRequests, validate_request
 from goodserve.monitor.risk import MonitorConfig, RiskMonitor
 from goodserve.schemas import (
@@ -394,11 +394,12 @@ class DispatcherService:
         deliveries: list[Delivery] = []
         done: list[Envelope[AgentRequest]] = []
         now = time.time()
+        routable = bool(self.est.usable(now).any())  # admission changes no instance's state
         admitted: list[Envelope[AgentRequest]] = []
         for env in envs:
             self.stats.received += 1
             with structlog.contextvars.bound_contextvars(request_id=env.msg.request_id):
-                admission = await self._admit(env, now, deliveries)
+                admission = await self._admit(env, now, deliveries, routable=routable)
             if isinstance(admission, Envelope):
                 admitted.append(admission)
             elif admission != "held":
@@ -445,9 +446,15 @@ class DispatcherService:
             return [None] * len(reqs)
 
     async def _admit(
-        self, env: Envelope[AgentRequest], now: float, deliveries: list[Delivery]
+        self,
+        env: Envelope[AgentRequest],
+        now: float,
+        deliveries: list[Delivery],
+        *,
+        routable: bool,
     ) -> Envelope[AgentRequest] | str:
-        """Validate a request: the envelope to route, or what became of it instead."""
+        """Validate a request: the envelope to route, or what became of it instead
+        (``routable``: some instance can take work now; else valid requests are held)."""
         req = env.msg
         if req.arrival is None:
             req = _with(req, arrival=env.timestamp or now)
@@ -465,7 +472,7 @@ class DispatcherService:
         except GoodServeError as e:
             await self._reject(env, e, deliveries)
             return "rejected"
-        if not self.est.usable(now).any():
+        if not routable:
             return self._hold(env, now)
         return env
 
@@ -480,9 +487,7 @@ class DispatcherService:
         assert self.router is not None and self._producer is not None
         req = env.msg
         t0 = time.perf_counter()
-        x = predicted.x if predicted is not None else None
-        if x is None and req.input_tokens:
-            x = to_predictor_input(req, req.input_tokens)
+        x = predicted.x if predicted is not None else to_predictor_input(req, input_tokens_of(req))
         out = self.router.route(
             req,
             now,
@@ -526,7 +531,7 @@ class DispatcherService:
         )
         self.assignments[req.request_id] = a
         self.partition_of[req.request_id] = env.partition
-        self.inputs[req.request_id] = x or to_predictor_input(req, out.input_tokens)
+        self.inputs[req.request_id] = x
         self.stats.assigned += 1
         log.debug(
             "dispatcher.assigned",

@@ -27,7 +27,7 @@ class RecentIds:
     than ``ttl_s``. ``now`` defaults to ``time.monotonic()``.
     """
 
-    __slots__ = ("_cutoff_at", "_d", "_second", "_second_obj", "capacity", "ttl_s")
+    __slots__ = ("_cutoff_at", "_d", "_second", "capacity", "ttl_s")
 
     def __init__(self, *, ttl_s: float = 120.0, capacity: int = 200_000) -> None:
         if not ttl_s > 0 or not math.isfinite(ttl_s):
@@ -38,19 +38,18 @@ class RecentIds:
         self.capacity = capacity
         self._d: dict[int, int] = {}  # key -> second it arrived in (insertion = time order)
         self._second = -(1 << 62)
-        self._second_obj = self._second
+        """The current second: one int object, shared by every id that arrives in it."""
         self._cutoff_at = -(1 << 62)
 
     def _now_second(self, now: float | None) -> int:
         s = math.floor(time.monotonic() if now is None else now)
         if s != self._second:
             self._second = s
-            self._second_obj = s  # one int object shared by every id of this second
-        return self._second_obj
+        return self._second
 
     def _expire(self, second: int) -> None:
-        """Drop ids older than ``ttl_s``, and the oldest beyond ``capacity`` (once a second
-        for the time bound: one pass over the oldest entries)."""
+        """Drop ids older than ``ttl_s``: once a second, one pass over the oldest entries
+        (``add`` keeps the count bound)."""
         d = self._d
         if second != self._cutoff_at:
             self._cutoff_at = second
@@ -62,8 +61,6 @@ class RecentIds:
                 old.append(k)
             for k in old:
                 del d[k]
-        while len(d) > self.capacity:
-            del d[next(iter(d))]
 
     def add(self, request_id: str, now: float | None = None, *, refresh: bool = True) -> bool:
         """Remember an id as seen now; True if it was not remembered already. With

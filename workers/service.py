@@ -192,9 +192,8 @@ class WorkerService:
         self._producer: TypedProducer | None = None
         self._consumer: TypedConsumer[Message] | None = None
         self._tracked: dict[str, _Tracked] = {}
-        self.finished_ttl_s = 120.0
-        """Finished ids are remembered this long (and at most ``finished_memory``)."""
-        self._finished = RecentIds(ttl_s=self.finished_ttl_s, capacity=self.finished_memory)
+        self._finished = RecentIds(ttl_s=120.0, capacity=self.finished_memory)
+        """Finished ids, remembered 120 s (and at most ``finished_memory`` of them)."""
         self._uncommitted: OrderedDict[int, Envelope[Message]] = OrderedDict()
         self._settled: set[int] = set()
         self._commit_next: Envelope[Message] | None = None
@@ -553,9 +552,6 @@ class WorkerService:
         if self._tracked.pop(rid, None) is not None and self._slots is not None:
             self._slots.release()
 
-    def _remember_finished(self, rid: str) -> None:
-        self._finished.add(rid)
-
     async def _send_result(
         self,
         tr: _Tracked,
@@ -597,7 +593,7 @@ class WorkerService:
             ),
         )
         assert self._producer is not None
-        self._remember_finished(req.request_id)
+        self._finished.add(req.request_id)
         await self._send_retrying(
             req.reply_to or self.settings.results_topic, res, key=req.request_id
         )

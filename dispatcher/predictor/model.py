@@ -140,8 +140,13 @@ class _Base(abc.ABC):
     def predict(self, x: PredictorInput) -> LengthPrediction:
         return _apply_hint(self.predict_features([self.features(x)])[0], x.output_tokens_hint, 1.0)
 
-    def predict_batch(self, xs: Sequence[PredictorInput]) -> list[LengthPrediction]:
-        preds = self.predict_features([self.features(x) for x in xs])
+    def predict_batch(
+        self, xs: Sequence[PredictorInput], feats: Sequence[Sequence[float]] | None = None
+    ) -> list[LengthPrediction]:
+        """Predictions of many inputs at once; ``feats``: their ``features``, if already made."""
+        if feats is None:
+            feats = [self.features(x) for x in xs]
+        preds = self.predict_features(feats)
         return [_apply_hint(p, x.output_tokens_hint, 1.0) for p, x in zip(preds, xs, strict=True)]
 
     def observe(self, x: PredictorInput, actual_output_tokens: int) -> None:
@@ -443,8 +448,12 @@ class OutputLengthPredictor(_Base):
     def predict(self, x: PredictorInput) -> LengthPrediction:
         return self._post(self.predict_features([self._features_of(x)])[0], x)
 
-    def predict_batch(self, xs: Sequence[PredictorInput]) -> list[LengthPrediction]:
-        preds = self.predict_features([self.features(x) for x in xs])
+    def predict_batch(
+        self, xs: Sequence[PredictorInput], feats: Sequence[Sequence[float]] | None = None
+    ) -> list[LengthPrediction]:
+        if feats is None:
+            feats = [self.features(x) for x in xs]
+        preds = self.predict_features(feats)
         return [self._post(p, x) for p, x in zip(preds, xs, strict=True)]
 
     # -- online learning -----------------------------------------------------------------
