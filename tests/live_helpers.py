@@ -9,7 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 from goodserve.dispatcher.service import DispatcherService
+from goodserve.schemas import Result
 
+from goodserve.chaos.load import CountingClient
 from goodserve.chaos.procs import ServiceProc
 from goodserve.config import Settings
 from goodserve.transport import TypedConsumer
@@ -58,3 +60,27 @@ def usable(d: DispatcherService, iid: str) -> bool:
     """Whether the dispatcher would place work on ``iid`` now (alive, fresh heartbeat)."""
     i = d.est.index.get(iid)
     return i is not None and bool(d.est.usable(time.time())[i])
+
+
+async def collect_results(
+    client: CountingClient, rids: list[str], timeout_s: float
+) -> dict[str, Result]:
+    """Each request's Result, then a pause long enough for a duplicate to show up."""
+    got: dict[str, Result] = {}
+
+    async def one(rid: str) -> None:
+        got[rid] = await client.result(rid, timeout=timeout_s)
+
+    try:
+        await asyncio.gather(*(one(r) for r in rids))
+    except Exception as e:
+        missing = sorted(r for r in rids if r not in got)
+        raise AssertionError(f"no Result for {missing}: lost ({e!r})") from e
+    await asyncio.sleep(3.0)  # a duplicate would arrive by now
+    return got
+
+
+def assert_one_result_record_each(client: CountingClient, rids: list[str]) -> None:
+    """Exactly one Result record per request on the topic (before the client's de-dup)."""
+    assert {r: client.raw_counts[r] for r in rids} == {r: 1 for r in rids}
+    assert client.duplicates == 0

@@ -28,7 +28,7 @@ from goodserve.dispatcher.service import DispatcherService, request_partition
 from goodserve.schemas import AgentRequest, Checkpoint, Result
 from goodserve.workers.engines.simulated import SimulatedEngine, synthetic_token_id
 from goodserve.workers.service import WorkerService
-from live_helpers import read_all, usable, wait_for
+from live_helpers import assert_one_result_record_each, collect_results, read_all, usable, wait_for
 
 from goodserve.chaos.load import CountingClient
 from goodserve.chaos.procs import worker_proc
@@ -133,22 +133,10 @@ class Rig:
         )
 
     async def results(self, rids: list[str], timeout_s: float = 90.0) -> dict[str, Result]:
-        got: dict[str, Result] = {}
-
-        async def one(rid: str) -> None:
-            got[rid] = await self.client.result(rid, timeout=timeout_s)
-
-        try:
-            await asyncio.gather(*(one(r) for r in rids))
-        except Exception as e:
-            missing = sorted(r for r in rids if r not in got)
-            raise AssertionError(f"no Result for {missing}: lost ({e!r})") from e
-        await asyncio.sleep(3.0)  # a duplicate would arrive by now
-        return got
+        return await collect_results(self.client, rids, timeout_s)
 
     def assert_exactly_once(self, rids: list[str], results: dict[str, Result]) -> None:
-        assert {r: self.client.raw_counts[r] for r in rids} == {r: 1 for r in rids}
-        assert self.client.duplicates == 0
+        assert_one_result_record_each(self.client, rids)
         for rid in rids:
             res = results[rid]
             assert res.status == "ok" and res.instance_id == SURVIVOR, res

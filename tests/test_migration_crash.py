@@ -39,7 +39,14 @@ from goodserve.dispatcher.service import DispatcherService
 from goodserve.schemas import AgentRequest, Checkpoint, MigrationCommand, Result
 from goodserve.workers.engines.simulated import SimulatedEngine, synthetic_token_id
 from goodserve.workers.service import WorkerService
-from live_helpers import log_events, read_all, usable, wait_for
+from live_helpers import (
+    assert_one_result_record_each,
+    collect_results,
+    log_events,
+    read_all,
+    usable,
+    wait_for,
+)
 
 from goodserve.chaos.failpoints import ENV as FAILPOINTS_ENV
 from goodserve.chaos.failpoints import EXIT_CODE
@@ -174,22 +181,10 @@ class Rig:
         await self.producer.send(self.s.migrations_topic, cmd, key=rid)
 
     async def results(self, rids: list[str], timeout_s: float = 60.0) -> dict[str, Result]:
-        got: dict[str, Result] = {}
-
-        async def one(rid: str) -> None:
-            got[rid] = await self.client.result(rid, timeout=timeout_s)
-
-        try:
-            await asyncio.gather(*(one(r) for r in rids))
-        except Exception as e:
-            missing = [r for r in rids if r not in got]
-            raise AssertionError(f"no Result for {missing}: lost ({e!r})") from e
-        await asyncio.sleep(3.0)  # a duplicate would arrive by now
-        return got
+        return await collect_results(self.client, rids, timeout_s)
 
     def assert_exactly_once(self, rids: list[str], results: dict[str, Result]) -> None:
-        assert {r: self.client.raw_counts[r] for r in rids} == {r: 1 for r in rids}
-        assert self.client.duplicates == 0
+        assert_one_result_record_each(self.client, rids)
         for rid in rids:
             res = results[rid]
             assert res.status == "ok", res
