@@ -137,8 +137,12 @@ class _Base(abc.ABC):
     def predict_features(self, feats: Sequence[Sequence[float]]) -> list[LengthPrediction]:
         """Predictions as a pure function of feature vectors."""
 
+    def _post(self, pred: LengthPrediction, x: PredictorInput) -> LengthPrediction:
+        """What a prediction becomes for this input (the client's hint)."""
+        return _apply_hint(pred, x.output_tokens_hint, 1.0)
+
     def predict(self, x: PredictorInput) -> LengthPrediction:
-        return _apply_hint(self.predict_features([self.features(x)])[0], x.output_tokens_hint, 1.0)
+        return self._post(self.predict_features([self.features(x)])[0], x)
 
     def predict_batch(
         self, xs: Sequence[PredictorInput], feats: Sequence[Sequence[float]] | None = None
@@ -147,7 +151,7 @@ class _Base(abc.ABC):
         if feats is None:
             feats = [self.features(x) for x in xs]
         preds = self.predict_features(feats)
-        return [_apply_hint(p, x.output_tokens_hint, 1.0) for p, x in zip(preds, xs, strict=True)]
+        return [self._post(p, x) for p, x in zip(preds, xs, strict=True)]
 
     def observe(self, x: PredictorInput, actual_output_tokens: int) -> None:
         """Baselines learn nothing online."""
@@ -447,14 +451,6 @@ class OutputLengthPredictor(_Base):
 
     def predict(self, x: PredictorInput) -> LengthPrediction:
         return self._post(self.predict_features([self._features_of(x)])[0], x)
-
-    def predict_batch(
-        self, xs: Sequence[PredictorInput], feats: Sequence[Sequence[float]] | None = None
-    ) -> list[LengthPrediction]:
-        if feats is None:
-            feats = [self.features(x) for x in xs]
-        preds = self.predict_features(feats)
-        return [self._post(p, x) for p, x in zip(preds, xs, strict=True)]
 
     # -- online learning -----------------------------------------------------------------
 
