@@ -62,6 +62,8 @@ DEFAULT_ALPHA = 0.3
 DEFAULT_BUSY_WINDOW_S = 5.0
 # Share of its time an instance can be assumed to spend prefilling, at most.
 _MAX_BUSY = 0.8
+_COEF_ROWS = ("q_cache", "pbc", "pfc", "pqc", "d_cache", "k_ctx")
+"""The rows of FleetEstimator._coef, in order."""
 # An instance without a heartbeat for this long is stale: excluded from routing.
 DEFAULT_STALE_AFTER_S = 3.0
 # Per-request contexts (tokens) at which the TPOT plane is fitted to the performance model.
@@ -183,10 +185,24 @@ class FleetEstimator:
         self.rem_tokens = np.zeros(n)  # sum of predicted remaining output tokens
         self.pending_prefill = np.zeros(n)  # prompt tokens not yet prefilled
         self.ctx_tokens = np.zeros(n)  # KV tokens the tracked requests will hold
-        self.q_cache = np.zeros(n)  # request-independent queueing delay (see _refresh)
-        self.d_cache = np.zeros(n)  # TPOT with one more request in the batch
         self.min_slack = np.full(n, math.inf)  # smallest slack among tracked requests
         self.rem_at_min = np.zeros(n)  # remaining tokens of that request
+        # Products of the model and its corrections, refreshed per instance (see _refresh) so
+        # that a decision multiplies each vector once instead of rebuilding it from parts.
+        # Rows of one matrix (``_coef``), so that a request's finish time on every instance
+        # is one vector-matrix product (``finish_time``):
+        #   q_cache: request-independent queueing delay; d_cache: TPOT with one more request
+        #   in the batch (both see _refresh); pbc, pfc, pqc: pb, pf, pq * prefill_corr;
+        #   k_ctx: dc * tpot_corr * stretch, the TPOT per KV token of the request itself.
+        self._coef = np.zeros((len(_COEF_ROWS), n))
+        self.q_cache, self.pbc, self.pfc, self.pqc, self.d_cache, self.k_ctx = self._coef
+        self.d1_tc = np.zeros(n)  # d1 * tpot_corr: TPOT added by one more sequence
+        self.late = np.zeros(n, dtype=bool)  # min_slack < 0: the tightest resident is late
+        self._all = np.ones(n, dtype=bool)  # every slot (read-only): a decision's first mask
+        self._all.flags.writeable = False
+        self._unit_finish = True  # finish_corr is all ones (skip the multiply)
+        self._live_version = 0  # bumped whenever last_seen, alive or draining change
+        self._usable: tuple[int, float, int, np.ndarray] | None = None
 
     # ---------------------------------------------------------------- membership
     def __len__(self) -> int:
@@ -256,10 +272,23 @@ class FleetEstimator:
         ):
             setattr(self, name, grow(getattr(self, name), 0.0))
         self.min_slack = grow(self.min_slack, math.inf)
-        self.q_cache = grow(self.q_cache, 0.0)
-        self.d_cache = grow(self.d_cache, 0.0)
+        self.d1_tc = grow(self.d1_tc, 0.0)
+        self.late = grow(self.late, False)
+        self._all = np.ones(slot + 1, dtype=bool)
+        self._all.flags.writeable = False
+        self._bind_coef(np.hstack([self._coef, np.zeros((len(_COEF_ROWS), 1))]))
+        self._live_version += 1
         self._refresh(slot)
         return slot
+
+    def _bind_coef(self, coef: np.ndarray) -> None:
+        """Adopt a coefficient matrix; its rows become the named per-instance vectors."""
+        self._coef = np.ascontiguousarray(coef, dtype=float)
+        self.q_cache, self.pbc, self.pfc, self.pqc, self.d_cache, self.k_ctx = self._coef
+
+    def all_slots(self) -> np.ndarray:
+        """A read-only mask of every slot (the candidates a decision starts from)."""
+        return self._all
 
     def slot(self, instance_id: str) -> int:
         """Slot of a known instance; KeyError for an unknown one."""
@@ -286,22 +315,27 @@ class FleetEstimator:
         The quadratic term is attention: the n new tokens attend to the cached prefix and
         to each other, n * (2c + n) in units where a fresh prompt of L costs L**2.
         """
-        return (
-            self.pb + self.pf * tokens + self.pq * tokens * (2.0 * cached + tokens)
-        ) * self.prefill_corr
+        if isinstance(tokens, np.ndarray) or isinstance(cached, np.ndarray):
+            return self.pbc + self.pfc * tokens + self.pqc * (tokens * (2.0 * cached + tokens))
+        n = float(tokens)
+        return np.array([1.0, n, n * (2.0 * float(cached) + n)]) @ self._coef[1:4]
 
     def own_context_tpot(self, input_tokens: float, output_tokens: float) -> np.ndarray:
         """What a request's own KV adds to every instance's TPOT (mean context while decoding)."""
-        return self.dc * self.tpot_corr * self.stretch * (input_tokens + 0.5 * output_tokens)
+        return self.k_ctx * (input_tokens + 0.5 * output_tokens)
 
     def _model_tpot(self, i: int, batch: float) -> float:
         """``tpot`` of one instance before its corrections (scalar: the update paths)."""
-        ctx = min(self.hb_kv_used[i], self.kv_total[i])
-        return float(self.d0[i] + self.d1[i] * batch + self.dc[i] * ctx)
+        ctx = min(self.hb_kv_used.item(i), self.kv_total.item(i))
+        return self.d0.item(i) + self.d1.item(i) * batch + self.dc.item(i) * ctx
 
     def _model_prefill(self, i: int, tokens: float, cached: float = 0.0) -> float:
         """``prefill`` of one instance before its correction (scalar: the update paths)."""
-        return float(self.pb[i] + self.pf[i] * tokens + self.pq[i] * tokens * (2 * cached + tokens))
+        return (
+            self.pb.item(i)
+            + self.pf.item(i) * tokens
+            + self.pq.item(i) * tokens * (2 * cached + tokens)
+        )
 
     def _set_busy(self, i: int, busy: float, now: float) -> None:
         """Record instance i's prefill share at ``now`` and the TPOT stretch it implies."""
@@ -341,48 +375,121 @@ class FleetEstimator:
         context adds its share of attention to the TPOT.
         """
         q = self.q_cache
-        d = self.d_cache + self.own_context_tpot(input_tokens, output_tokens)
-        p = self.prefill(np.maximum(input_tokens - cached, 1.0), cached)
-        return q, p, d, (q + p + d * output_tokens) * self.finish_corr
+        d = self.tpot_with(input_tokens, output_tokens)
+        p = self.prefill(self._new_tokens(input_tokens, cached), cached)
+        return q, p, d, self.finish_time(input_tokens, output_tokens, cached)
+
+    def estimate_at(
+        self, i: int, input_tokens: float, output_tokens: float, cached: float = 0.0
+    ) -> tuple[float, float, float]:
+        """(queue, prefill, tpot) of a new request on instance i alone (scalar math: the
+        commit of a decision needs one instance's estimates, not the fleet's)."""
+        n = max(input_tokens - cached, 1.0)
+        p = self.pbc.item(i) + self.pfc.item(i) * n + self.pqc.item(i) * (n * (2.0 * cached + n))
+        d = self.d_cache.item(i) + self.k_ctx.item(i) * (input_tokens + 0.5 * output_tokens)
+        return self.q_cache.item(i), p, d
+
+    def tpot_with(self, input_tokens: float, output_tokens: float) -> np.ndarray:
+        """TPOT of every instance with the new request in its batch (its own KV included)."""
+        return self.d_cache + self.k_ctx * (input_tokens + 0.5 * output_tokens)
+
+    @staticmethod
+    def _new_tokens(input_tokens: float, cached: np.ndarray | float) -> np.ndarray | float:
+        if isinstance(cached, np.ndarray):
+            return np.maximum(input_tokens - cached, 1.0)
+        return max(input_tokens - float(cached), 1.0)
+
+    def finish_time(
+        self, input_tokens: float, output_tokens: float, cached: np.ndarray | float = 0.0
+    ) -> np.ndarray:
+        """Estimated finish (queue + prefill + TPOT x output tokens) on every instance.
+
+        With one cached length for every instance this is a single product of the weights
+        (1, 1, n, n(2c + n), L, L(L_in + L/2)) with the coefficient rows: the hot path of
+        every decision.
+        """
+        if isinstance(cached, np.ndarray):
+            n = np.maximum(input_tokens - cached, 1.0)
+            p = self.pbc + self.pfc * n + self.pqc * (n * (2.0 * cached + n))
+            finish = self.q_cache + p + self.tpot_with(input_tokens, output_tokens) * output_tokens
+        else:
+            c = float(cached)
+            m = max(input_tokens - c, 1.0)
+            lo = float(output_tokens)
+            w = np.array([1.0, 1.0, m, m * (2.0 * c + m), lo, lo * (input_tokens + 0.5 * lo)])
+            finish = w @ self._coef
+        if not self._unit_finish:
+            finish = finish * self.finish_corr
+        return finish
 
     def _refresh(self, i: int) -> None:
-        """Recompute the request-independent queueing delay and TPOT of one instance."""
-        n = float(self.n_active[i])
-        active = max(n, float(self.hb_running[i] + self.hb_waiting[i]))
-        mean_ctx = float(self.ctx_tokens[i]) / n if n > 0 else 1024.0
-        lim = min(max(float(self.kv_total[i]) / max(mean_ctx, 1.0), 1.0), float(self.max_batch[i]))
+        """Recompute the request-independent queueing delay and TPOT of one instance, and the
+        products of its model and corrections that every decision multiplies by."""
+        n = self.n_active.item(i)
+        active = max(n, self.hb_running.item(i) + self.hb_waiting.item(i))
+        mean_ctx = self.ctx_tokens.item(i) / n if n > 0 else 1024.0
+        lim = min(max(self.kv_total.item(i) / max(mean_ctx, 1.0), 1.0), self.max_batch.item(i))
         after = active + 1.0
-        tc = float(self.tpot_corr[i]) * float(self.stretch[i])
+        tcorr = self.tpot_corr.item(i)
+        st = self.stretch.item(i)
+        tc = tcorr * st
+        d0, d1, dc = self.d0.item(i), self.d1.item(i), self.dc.item(i)
+        kv = min(self.hb_kv_used.item(i), self.kv_total.item(i))
         wait = (
             max(after - lim, 0.0)
             / lim
-            * (float(self.rem_tokens[i]) / max(n, 1.0))
-            * (self._model_tpot(i, lim) * tc)
+            * (self.rem_tokens.item(i) / max(n, 1.0))
+            * ((d0 + d1 * lim + dc * kv) * tc)
         )
-        pend = float(self.pending_prefill[i])
-        pb = float(self.pb[i])
-        pre = (pb + float(self.pf[i]) * pend) * float(self.prefill_corr[i]) - (
-            pb if pend > 0 else 0.0
-        )
-        self.q_cache[i] = float(self.queue_s[i]) + wait + pre
-        self.d_cache[i] = self._model_tpot(i, min(after, lim)) * tc
+        pend = self.pending_prefill.item(i)
+        pb = self.pb.item(i)
+        pc = self.prefill_corr.item(i)
+        pre = (pb + self.pf.item(i) * pend) * pc - (pb if pend > 0 else 0.0)
+        self.q_cache[i] = self.queue_s.item(i) + wait + pre
+        self.d_cache[i] = (d0 + d1 * min(after, lim) + dc * kv) * tc
+        self.k_ctx[i] = dc * tcorr * st
+        self.d1_tc[i] = d1 * tcorr
+        self.late[i] = self.min_slack.item(i) < 0.0
+        self.pbc[i] = pb * pc
+        self.pfc[i] = self.pf.item(i) * pc
+        self.pqc[i] = self.pq.item(i) * pc
 
     def _decay_busy(self, i: int, now: float) -> None:
         """Let the recent prefill work of instance i age to ``now``."""
-        dt = now - float(self.busy_at[i])
+        dt = now - self.busy_at.item(i)
         if dt > 0:
-            self._set_busy(i, float(self.prefill_busy[i]) * math.exp(-dt / self.busy_window_s), now)
+            self._set_busy(i, self.prefill_busy.item(i) * math.exp(-dt / self.busy_window_s), now)
 
     def refresh_all(self) -> None:
+        self._unit_finish = bool(np.all(self.finish_corr == 1.0))
+        self._live_version += 1
         for i in range(len(self.infos)):
             self._refresh(i)
 
     def usable(self, now: float) -> np.ndarray:
-        """Instances that may take work: alive, heartbeat fresh, not draining."""
-        fresh = (now - self.last_seen) <= self.stale_after_s
+        """Instances that may take work: alive, heartbeat fresh, not draining (read-only).
+
+        Cached between heartbeats: the mask only changes when one arrives (or an instance is
+        marked dead) or when the freshest-stale instance, the usable one seen longest ago,
+        goes stale; until then a decision pays one scalar check instead of five vector ops.
+        """
+        c = self._usable
+        if c is not None and c[0] == self._live_version and now >= c[1]:
+            j = c[2]
+            if j < 0 or (now - self.last_seen.item(j)) <= self.stale_after_s:
+                return c[3]
+        seen = np.isfinite(self.last_seen)
+        timed = (now - self.last_seen) <= self.stale_after_s
+        fresh = timed
         if not self.require_heartbeat:
-            fresh = fresh | ~np.isfinite(self.last_seen) & self.alive
-        return self.alive & fresh & ~self.draining
+            fresh = fresh | ~seen & self.alive
+        mask = self.alive & fresh & ~self.draining
+        mask.flags.writeable = False
+        # the usable instance with the oldest heartbeat is the first to go stale
+        timed_ok = mask & timed & seen
+        j = int(np.argmin(np.where(timed_ok, self.last_seen, np.inf))) if timed_ok.any() else -1
+        self._usable = (self._live_version, now, j, mask)
+        return mask
 
     def slowdown(self) -> np.ndarray:
         """Recent TPOT correction over its long-run level: > 1 when an instance slowed down.
@@ -434,32 +541,36 @@ class FleetEstimator:
         )
         self.requests[request_id] = tr
         self.infos[i].requests[request_id] = tr
-        self.n_active[i] += 1
-        self.ctx_tokens[i] += tr.ctx
-        self.rem_tokens[i] += max(planned_tokens - generated, 1.0)
+        rem = max(planned_tokens - generated, 1.0)
+        self.n_active[i] = self.n_active.item(i) + 1.0
+        self.ctx_tokens[i] = self.ctx_tokens.item(i) + tr.ctx
+        self.rem_tokens[i] = self.rem_tokens.item(i) + rem
         new_tokens = max(input_tokens + generated - cached_tokens, 0)
-        self.pending_prefill[i] += new_tokens
-        self.hb_kv_used[i] += input_tokens + generated
+        self.pending_prefill[i] = self.pending_prefill.item(i) + new_tokens
+        self.hb_kv_used[i] = self.hb_kv_used.item(i) + (input_tokens + generated)
         if new_tokens:
             self._decay_busy(i, now)
             work = self._model_prefill(i, new_tokens, input_tokens + generated - new_tokens)
-            work *= float(self.prefill_corr[i])
-            self._set_busy(i, float(self.prefill_busy[i]) + work / self.busy_window_s, now)
+            work *= self.prefill_corr.item(i)
+            self._set_busy(i, self.prefill_busy.item(i) + work / self.busy_window_s, now)
         slack = self._slack(tr, i, now)
-        if slack < self.min_slack[i]:
+        if slack < self.min_slack.item(i):
             self.min_slack[i] = slack
-            self.rem_at_min[i] = max(planned_tokens - generated, 1.0)
+            self.rem_at_min[i] = rem
         self._refresh(i)
 
     def _slack(self, tr: TrackedRequest, i: int, now: float) -> float:
         """Deadline minus estimated finish of a tracked request (scalar math: hot path)."""
         rem = max(tr.planned_tokens - tr.generated, 1.0)
-        active = max(self.n_active[i], self.hb_running[i] + self.hb_waiting[i])
-        mean_ctx = self.ctx_tokens[i] / self.n_active[i] if self.n_active[i] > 0 else 1024.0
-        batch = min(active, self.max_batch[i], max(self.kv_total[i] / max(mean_ctx, 1.0), 1.0))
-        t = self._model_tpot(i, batch) * self.tpot_corr[i] * self.stretch[i] * rem
+        n = self.n_active.item(i)
+        active = max(n, self.hb_running.item(i) + self.hb_waiting.item(i))
+        mean_ctx = self.ctx_tokens.item(i) / n if n > 0 else 1024.0
+        batch = min(
+            active, self.max_batch.item(i), max(self.kv_total.item(i) / max(mean_ctx, 1.0), 1.0)
+        )
+        t = self._model_tpot(i, batch) * self.tpot_corr.item(i) * self.stretch.item(i) * rem
         if not tr.started:
-            t += self._model_prefill(i, tr.input_tokens) * self.prefill_corr[i]
+            t += self._model_prefill(i, tr.input_tokens) * self.prefill_corr.item(i)
         return float(tr.deadline - now - t)
 
     def _forget(self, tr: TrackedRequest) -> None:
@@ -536,6 +647,7 @@ class FleetEstimator:
         i = self.index[hb.instance_id]
         t = hb.at if now is None else now
         self.last_seen[i] = t
+        self._live_version += 1
         self._decay_busy(i, t)
         self.alive[i] = True
         self.draining[i] = hb.draining
@@ -594,6 +706,7 @@ class FleetEstimator:
         """Exclude an instance (missing heartbeats); returns the requests that were on it."""
         i = self.index[instance_id]
         self.alive[i] = False
+        self._live_version += 1
         return list(self.infos[i].requests.values())
 
     def expire(self, now: float) -> list[str]:
@@ -605,6 +718,8 @@ class FleetEstimator:
         for i in np.flatnonzero(stale):
             self.alive[i] = False
             out.append(self.infos[i].instance_id)
+        if out:
+            self._live_version += 1
         return out
 
     # ---------------------------------------------------------------- audit
@@ -717,8 +832,11 @@ class FleetEstimator:
         est.rem_at_min = col("rem_at_min")
         est.ctx_tokens = col("ctx_tokens")
         est.finish_corr = col("finish_corr")
-        est.q_cache = np.zeros(n)
-        est.d_cache = np.zeros(n)
+        est.d1_tc = np.zeros(n)
+        est.late = np.zeros(n, dtype=bool)
+        est._all = np.ones(n, dtype=bool)
+        est._all.flags.writeable = False
+        est._bind_coef(np.zeros((len(_COEF_ROWS), n)))
         est.refresh_all()
         return est
 

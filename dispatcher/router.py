@@ -244,6 +244,8 @@ class Router:
         n_in = input_tokens_of(req)
         if cached is None:
             cached = self.prefix_index.match(block_hashes, len(self.est)) if block_hashes else 0.0
+        if isinstance(cached, np.ndarray) and not cached.any():
+            cached = 0.0  # nothing cached anywhere: the scalar path, as replay takes it
         if predicted is None:
             x = predictor_input if predictor_input is not None else to_predictor_input(req, n_in)
             (predicted,) = self.predict([req], [x])
@@ -306,7 +308,8 @@ class Router:
                 if len(self.sessions) > self.max_sessions:
                     self.sessions.popitem(last=False)
             c = float(cached[slot]) if isinstance(cached, np.ndarray) else float(cached)
-            q_, p_, d_, _ = ctx.estimates()
+            q_, p_, d_ = self.est.estimate_at(slot, n_in, ctx.planned_tokens, c)
+            fc = self.est.finish_corr.item(slot)
             self.est.on_assign(
                 instance_id,
                 request_id=req.request_id,
@@ -317,8 +320,8 @@ class Router:
                 p50=p50,
                 p90=p90,
                 cached_tokens=int(c),
-                est_fixed_s=float((q_[slot] + p_[slot]) * self.est.finish_corr[slot]),
-                est_tpot_s=float(d_[slot] * self.est.finish_corr[slot]),
+                est_fixed_s=(q_ + p_) * fc,
+                est_tpot_s=d_ * fc,
             )
         return out
 

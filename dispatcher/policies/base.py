@@ -49,6 +49,8 @@ class RouteContext:
     """Slot this request's workflow last went to (session affinity), if any."""
     config: PolicyConfig = field(default_factory=dict)
     _estimates: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    _finish: np.ndarray | None = None
+    _prefill: np.ndarray | None = None
     _rng: random.Random | None = None
 
     @property
@@ -71,17 +73,32 @@ class RouteContext:
             planned = min(planned, float(self.max_tokens))
         self.planned_tokens = max(planned, 1.0)
         self.quantile = quantile
-        self._estimates = None
+        self._estimates = self._finish = None
 
     def estimates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(queue, prefill, tpot, finish) per instance, computed once per decision."""
         if self._estimates is None:
             self._estimates = self.est.estimate(self.input_tokens, self.planned_tokens, self.cached)
+            self._finish = self._estimates[3]
         return self._estimates
 
     @property
     def finish(self) -> np.ndarray:
-        return self.estimates()[3]
+        """Estimated finish on every instance (the one vector most plugins need: computed
+        alone, without the other estimates)."""
+        if self._finish is None:
+            self._finish = self.est.finish_time(self.input_tokens, self.planned_tokens, self.cached)
+        return self._finish
+
+    @property
+    def prefill(self) -> np.ndarray:
+        """Prefill time of the prompt (after its cached prefix) on every instance; it does
+        not depend on the planned length."""
+        if self._prefill is None:
+            self._prefill = self.est.prefill(
+                self.est._new_tokens(self.input_tokens, self.cached), self.cached
+            )
+        return self._prefill
 
     @property
     def slack(self) -> np.ndarray:
@@ -95,9 +112,12 @@ class Filter(Protocol):
 
 
 class Scorer(Protocol):
+    """Scores in [0, 1] per instance, or None when it has nothing to say on this request
+    (the same as all zeros, without the vector)."""
+
     name: str
 
-    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray: ...
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray | None: ...
 
 
 class Picker(Protocol):
@@ -159,7 +179,7 @@ def normalize_low_is_good(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     lo, hi = cand.min(), cand.max()
     span = hi - lo
     if not math.isfinite(span) or span <= 0:
-        return np.where(mask, 1.0, 0.0)
+        return mask.astype(float)
     return np.where(mask, (hi - values) / span, 0.0)
 
 
@@ -176,8 +196,12 @@ def argmax_random_ties(scores: np.ndarray, mask: np.ndarray, rng: random.Random)
 def argmax_seeded_ties(scores: np.ndarray, mask: np.ndarray, seed: int) -> int:
     """Like argmax_random_ties, the tie drawn from the decision's hashed seed (no RNG object)."""
     s = np.where(mask, scores, -np.inf)
-    ties = np.flatnonzero(s >= s.max() - 1e-12)
-    return int(ties[0]) if len(ties) == 1 else int(ties[seed % len(ties)])
+    best = int(s.argmax())
+    near = s >= s[best] - 1e-12
+    if np.count_nonzero(near) == 1:
+        return best  # the usual case: one best, no tie list to build
+    ties = np.flatnonzero(near)
+    return int(ties[seed % len(ties)])
 
 
 @dataclass(slots=True)
@@ -213,17 +237,31 @@ class Policy:
         """Choose an instance: (slot or None, eligible mask, scores, how it was chosen)."""
         ctx.config = self.config
         ctx.set_plan(str(self.config.get("plan_quantile", "")))
-        mask = np.ones(ctx.n, dtype=bool)
+        mask = ctx.est.all_slots()
+        # Filters take an empty mask in their stride (an empty mask stays empty), so the
+        # chain is checked once at its end; only then is the filter that emptied it named.
+        masks = []
         for f in self.filters:
             mask = f(ctx, mask)
-            if not mask.any():
-                if self.fallback is not None:
-                    slot, fmask, scores, how = self.fallback.select(ctx)
-                    return slot, fmask, scores, f"{self.name}: {f.name} left none; {how}"
-                return None, mask, np.zeros(ctx.n), f"{self.name}: rejected, {f.name} left none"
-        scores = np.zeros(ctx.n)
+            masks.append(mask)
+        if not mask.any():
+            emptied = next(
+                (f.name for f, m in zip(self.filters, masks, strict=True) if not m.any()),
+                "no instance",
+            )
+            if self.fallback is not None:
+                slot, fmask, fscores, how = self.fallback.select(ctx)
+                return slot, fmask, fscores, f"{self.name}: {emptied} left none; {how}"
+            return None, mask, np.zeros(ctx.n), f"{self.name}: rejected, {emptied} left none"
+        scores: np.ndarray | None = None
         for scorer, w in self.scorers:
-            scores = scores + w * scorer(ctx, mask)
+            s = scorer(ctx, mask)
+            if s is None:
+                continue
+            part = s if w == 1.0 else w * s
+            scores = part if scores is None else scores + part
+        if scores is None:
+            scores = np.zeros(ctx.n)
         slot = self.picker.pick(ctx, scores, mask)
         return slot, mask, scores, f"{self.name}: {self.spec.picker}"
 

@@ -70,7 +70,7 @@ class MeetsDeadline:
     name: str = "meets-deadline"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
-        return mask & (ctx.finish * (1.0 + self.rel) + self.abs_s <= ctx.deadline_in)
+        return mask & (ctx.finish <= (ctx.deadline_in - self.abs_s) / (1.0 + self.rel))
 
 
 @dataclass(slots=True)
@@ -86,13 +86,9 @@ class ProtectsResidents:
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
         est = ctx.est
-        _, prefill, _, _ = ctx.estimates()
-        per_token = est.d1 * est.tpot_corr + est.own_context_tpot(
-            ctx.input_tokens, ctx.planned_tokens
-        )
-        delay = per_token * np.minimum(est.rem_at_min, ctx.planned_tokens) + prefill
-        ok = (est.min_slack - delay >= 0.0) | (est.min_slack < 0.0)
-        return mask & ok
+        per_token = est.d1_tc + est.own_context_tpot(ctx.input_tokens, ctx.planned_tokens)
+        delay = per_token * np.minimum(est.rem_at_min, ctx.planned_tokens) + ctx.prefill
+        return mask & ((est.min_slack >= delay) | est.late)
 
 
 @dataclass(slots=True)
@@ -202,10 +198,11 @@ class NearBest:
     name: str = "near-best"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
-        if not mask.any():
-            return mask
         f = ctx.finish
-        best = float(f[mask].min())
+        cand = f[mask]
+        if not cand.size:
+            return mask
+        best = float(cand.min())
         bound = math.inf
         if self.keep_slack is not None and math.isfinite(ctx.deadline_in):
             bound = ctx.deadline_in - self.keep_slack * max(ctx.deadline_in - best, 0.0)
@@ -303,9 +300,9 @@ class PrefixCache:
 
     name: str = "prefix-cache"
 
-    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray | None:
         if not isinstance(ctx.cached, np.ndarray):
-            return np.zeros(ctx.n)  # no prefix information for this request
+            return None  # no prefix information for this request
         return np.where(mask, ctx.cached / max(ctx.input_tokens, 1), 0.0)
 
 

@@ -66,6 +66,7 @@ def run_router_bench(
     )
     ends: list[tuple[float, str]] = []
     lat = np.zeros(requests)
+    pred = np.zeros(requests)
     hb_period = 0.1
     next_hb = hb_period
     wall0 = time.perf_counter()
@@ -105,6 +106,7 @@ def run_router_bench(
         if audit:
             out.record(top_k=16)
         lat[k] = time.perf_counter_ns() - t0 + share_ns
+        pred[k] = share_ns
         if out.slot is not None:
             dur = float(out.ctx.finish[out.slot])
             heapq.heappush(ends, (now + dur, req.request_id))
@@ -125,6 +127,8 @@ def run_router_bench(
         "decision_p50_us": float(np.percentile(lat, 50) / 1e3),
         "decision_p99_us": float(np.percentile(lat, 99) / 1e3),
         "decision_mean_us": float(lat.mean() / 1e3),
+        "predict_mean_us": float(pred.mean() / 1e3),
+        "route_mean_us": float((lat - pred).mean() / 1e3),
         "wall_s": wall,
         "virtual_s": requests / rps,
         "sustains_rps": bool(requests / total_s >= rps),
