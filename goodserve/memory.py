@@ -30,9 +30,9 @@ Environment:
 
 - ``GOODSERVE_MALLOC_TRIM_S``: seconds between trims (default 10; 0 turns trimming off);
 - ``GOODSERVE_ALLOCATOR_TUNING=0``: leave glibc's knobs alone;
-- ``GOODSERVE_TRACEMALLOC=<path prefix>``: trace Python allocations and write a snapshot to
-  ``<prefix>-<pid>-<seconds>.snap`` every ``GOODSERVE_TRACEMALLOC_S`` (default 60) seconds:
-  how the growth of live objects was looked for (compare two with
+- ``GOODSERVE_TRACEMALLOC=<path prefix>``: trace Python allocations and write a snapshot,
+  ``<prefix>-<service>-<pid>-<seconds>.snap``, every ``GOODSERVE_TRACEMALLOC_S`` seconds
+  (default 60): how the growth of live objects was looked for (compare two with
   ``tracemalloc.Snapshot.load(a).compare_to(tracemalloc.Snapshot.load(b), "lineno")``).
 """
 
@@ -125,15 +125,17 @@ async def heap_trimmer(period_s: float = DEFAULT_TRIM_PERIOD_S) -> None:
 
 
 async def tracemalloc_snapshots(prefix: str, period_s: float = 60.0) -> None:
-    """Trace Python allocations; every ``period_s`` write ``<prefix>-<pid>-<t>.snap``."""
+    """Trace Python allocations; every ``period_s`` write ``<prefix>-<service>-<pid>-<t>.snap``
+    (``<service>``: the ``goodserve`` sub-command this process runs)."""
     if not tracemalloc.is_tracing():
         tracemalloc.start(1)
     t0 = time.monotonic()
     pid = os.getpid()
+    service = next((a for a in sys.argv[1:] if a.isidentifier()), "proc")
     while True:
         await asyncio.sleep(period_s)
         snap = tracemalloc.take_snapshot()
-        path = f"{prefix}-{pid}-{time.monotonic() - t0:05.0f}.snap"
+        path = f"{prefix}-{service}-{pid}-{time.monotonic() - t0:05.0f}.snap"
         await asyncio.to_thread(snap.dump, path)
 
 
