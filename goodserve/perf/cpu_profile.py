@@ -12,7 +12,12 @@ token vs prompt length, and a seeded request mix with measured per-request laten
          + per_decode_seq * decode_batch    # one decode token: sampling, output, frontend
          + per_prefill_seq * prefill_seqs   # a prefill chunk: admission, IPC, first output
          + per_token * prefill_tokens       # linear layers on CPU (no roofline knee at this size)
-         + per_attn_pair * (prefill pairs + decode context tokens)   # attention
+         + per_attn_pair * prefill attention pairs                   # prefill attention
+         + per_decode_ctx * decode context tokens                    # decode attention
+
+Decode attention (paged KV reads) is its own term when the file measured decode at long
+contexts (prompts of 512+ tokens); older files, whose decode curves all ran at 32-160
+tokens of context, cannot tell it apart and share the prefill attention cost.
 
 ``CpuPerfModel`` is a ``PerfModel`` with those costs (same methods, so ``SimInstance(perf=...)``
 uses it unchanged). ``simulate_mix`` replays the measured mix through a ``SimInstance`` in
@@ -62,7 +67,10 @@ _PARAMS = (
     "per_prefill_seq_s",
     "per_token_s",
     "per_attn_pair_s",
+    "per_decode_ctx_s",
 )
+LONG_CONTEXT_TOKENS = 256
+"""Decode points whose prompts are at least this long identify the decode-context term."""
 
 
 def load_measurements(path: str | Path | None = None) -> dict[str, Any]:
@@ -86,6 +94,8 @@ class FitPoint:
     x: int
     measured_s: float
     fitted_s: float
+    context: int = 0
+    """Prompt tokens of a decode point (0: the batch curve's short prompts)."""
 
     @property
     def error_pct(self) -> float:
@@ -99,6 +109,7 @@ class CpuProfileFit:
     per_prefill_seq_s: float
     per_token_s: float
     per_attn_pair_s: float
+    per_decode_ctx_s: float
     kv_capacity_tokens: int
     block_size: int
     max_batch: int
@@ -116,6 +127,7 @@ class CpuProfileFit:
             {
                 "kind": p.kind,
                 "x": p.x,
+                **({"context": p.context} if p.context else {}),
                 "measured_ms": round(p.measured_s * 1e3, 3),
                 "fitted_ms": round(p.fitted_s * 1e3, 3),
                 "error_pct": round(p.error_pct, 1),
@@ -148,38 +160,51 @@ def _rel_nnls(rows: list[list[float]], y: list[float]) -> list[float]:
 
 
 def _features(
-    prefill_tokens: int, prefill_seqs: int, pairs: float, decode_batch: int, decode_ctx: float
+    prefill_tokens: int,
+    prefill_seqs: int,
+    pairs: float,
+    decode_batch: int,
+    decode_ctx: float,
+    separate_ctx: bool,
 ) -> list[float]:
+    """One row of the design matrix (columns: ``_PARAMS``)."""
     return [
         1.0,
         float(decode_batch),
         float(prefill_seqs),
         float(prefill_tokens),
-        pairs + decode_ctx,
+        pairs if separate_ctx else pairs + decode_ctx,
+        decode_ctx if separate_ctx else 0.0,
     ]
 
 
 def fit_cpu_profile(measurements: dict[str, Any] | str | Path | None = None) -> CpuProfileFit:
     """Fit the step-cost constants to the decode and prefill curves of a measurement file."""
     data = measurements if isinstance(measurements, dict) else load_measurements(measurements)
+    separate = any(
+        r.get("context_tokens", [0, 0])[0] >= LONG_CONTEXT_TOKENS for r in data["decode"]
+    )
     rows: list[list[float]] = []
     y: list[float] = []
-    keys: list[tuple[str, int]] = []
+    keys: list[tuple[str, int, int]] = []
     for r in data["decode"]:
         b = int(r["batch"])
         lo, hi = r.get("context_tokens", [0, 0])
-        rows.append(_features(0, 0, 0.0, b, b * (lo + hi) / 2.0))
+        rows.append(_features(0, 0, 0.0, b, b * (lo + hi) / 2.0, separate))
         y.append(float(r["step_time_s"]))
-        keys.append(("decode", b))
+        keys.append(("decode", b, int(lo) if lo >= LONG_CONTEXT_TOKENS else 0))
     for r in data["prefill"]:
         n = int(r["prompt_tokens"])
-        rows.append(_features(n, 1, n * n / 2.0, 0, 0.0))
+        rows.append(_features(n, 1, n * n / 2.0, 0, 0.0, separate))
         y.append(float(r["ttft_s"]))
-        keys.append(("prefill", n))
-    x = _rel_nnls(rows, y)
+        keys.append(("prefill", n, 0))
+    cols = len(_PARAMS) if separate else len(_PARAMS) - 1
+    x = _rel_nnls([row[:cols] for row in rows], y)
+    if not separate:
+        x.append(x[_PARAMS.index("per_attn_pair_s")])  # one attention cost for both
     points = tuple(
-        FitPoint(k, n, m, sum(c * f for c, f in zip(x, row, strict=True)))
-        for (k, n), m, row in zip(keys, y, rows, strict=True)
+        FitPoint(k, n, m, sum(c * f for c, f in zip(x, row, strict=True)), context=c0)
+        for (k, n, c0), m, row in zip(keys, y, rows, strict=True)
     )
     eng = data.get("engine", {})
     bs = int(eng.get("kv_block_size", 32))
@@ -246,7 +271,8 @@ class CpuPerfModel(PerfModel):
             + f.per_decode_seq_s * decode_batch
             + f.per_prefill_seq_s * prefill_seqs
             + f.per_token_s * prefill_tokens
-            + f.per_attn_pair_s * (pairs + decode_context_tokens)
+            + f.per_attn_pair_s * pairs
+            + f.per_decode_ctx_s * decode_context_tokens
         )
 
     def prefill_time(self, num_tokens: int, context_tokens: int = 0) -> float:
@@ -306,24 +332,12 @@ class MixReport:
         }
 
 
-def simulate_mix(
-    measurements_path: str | Path | None = None,
-    *,
-    perf: CpuPerfModel | None = None,
-) -> MixReport:
-    """Replay the measured mix in virtual time; per-request latency error vs the real run.
+def _mix_instance(perf: CpuPerfModel) -> Any:
+    """A simulated instance configured as the measured engine ran."""
+    from goodserve.sim.instance import SimInstance
 
-    Each request enters the simulated instance when the real client submitted it
-    (``start_s``, else ``arrival_s``); latency = last token - submit in both, TTFT = first
-    token - submit. Errors are ``|sim - real| / real``.
-    """
-    from goodserve.sim.instance import SimInstance, SimRequest
-
-    data = load_measurements(measurements_path)
-    if perf is None:
-        perf = CpuPerfModel(fit_cpu_profile(data))
     fit = perf.fit
-    inst = SimInstance(
+    return SimInstance(
         instance_id="vllm-cpu-sim",
         gpu="CPU-VLLM",
         model=perf.model.name,
@@ -335,16 +349,10 @@ def simulate_mix(
         # the measured prompts are random token ids: no prefix hits
         enable_prefix_cache=False,
     )
-    measured = {r["request_id"]: r for r in data["mix"]["results"]}
-    reqs = [
-        SimRequest(
-            request_id=r["request_id"],
-            input_tokens=int(r["input_tokens"]),
-            output_tokens=int(r["output_tokens"]),
-            arrival=float(measured[r["request_id"]].get("start_s", r["arrival_s"])),
-        )
-        for r in data["mix"]["trace"]
-    ]
+
+
+def _replay(inst: Any, reqs: list[Any]) -> None:
+    """Run ``reqs`` through ``inst`` in virtual time, each entering at its ``arrival``."""
     pending = sorted(reqs, key=lambda q: q.arrival)
     now, i = 0.0, 0
     while i < len(pending) or inst.has_work():
@@ -355,6 +363,42 @@ def simulate_mix(
             now = pending[i].arrival
             continue
         now += inst.step(now).duration
+
+
+def simulate_mix(
+    measurements_path: str | Path | None = None,
+    *,
+    perf: CpuPerfModel | None = None,
+) -> MixReport:
+    """Replay the measured mix in virtual time; per-request latency error vs the real run.
+
+    Each request enters the simulated instance when the real client submitted it
+    (``start_s``, else ``arrival_s``); latency = last token - submit in both, TTFT = first
+    token - submit. Errors are ``|sim - real| / real``.
+    """
+    from goodserve.sim.instance import SimRequest
+
+    data = load_measurements(measurements_path)
+    if perf is None:
+        perf = CpuPerfModel(fit_cpu_profile(data))
+    fit = perf.fit
+    reqs: list[Any] = []
+    measured: dict[str, dict[str, Any]] = {}
+    # each mix ran on its own clock: replay them one by one, on a fresh instance each
+    for mix in data.get("mixes") or [data["mix"]]:
+        got = {r["request_id"]: r for r in mix["results"]}
+        measured.update(got)
+        one = [
+            SimRequest(
+                request_id=r["request_id"],
+                input_tokens=int(r["input_tokens"]),
+                output_tokens=int(r["output_tokens"]),
+                arrival=float(got[r["request_id"]].get("start_s", r["arrival_s"])),
+            )
+            for r in mix["trace"]
+        ]
+        _replay(_mix_instance(perf), one)
+        reqs += one
 
     rows: list[dict[str, Any]] = []
     lat_err: list[float] = []
