@@ -41,11 +41,14 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
+import json
 import os
 import sys
 import time
 import tracemalloc
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 M_MMAP_THRESHOLD = -3
@@ -126,7 +129,8 @@ async def heap_trimmer(period_s: float = DEFAULT_TRIM_PERIOD_S) -> None:
 
 async def tracemalloc_snapshots(prefix: str, period_s: float = 60.0) -> None:
     """Trace Python allocations; every ``period_s`` write ``<prefix>-<service>-<pid>-<t>.snap``
-    (``<service>``: the ``goodserve`` sub-command this process runs)."""
+    (``<service>``: the ``goodserve`` sub-command this process runs) and, next to it, a
+    ``.json`` of the garbage collector's statistics and the RSS."""
     if not tracemalloc.is_tracing():
         tracemalloc.start(1)
     t0 = time.monotonic()
@@ -135,8 +139,19 @@ async def tracemalloc_snapshots(prefix: str, period_s: float = 60.0) -> None:
     while True:
         await asyncio.sleep(period_s)
         snap = tracemalloc.take_snapshot()
-        path = f"{prefix}-{service}-{pid}-{time.monotonic() - t0:05.0f}.snap"
-        await asyncio.to_thread(snap.dump, path)
+        path = f"{prefix}-{service}-{pid}-{time.monotonic() - t0:05.0f}"
+        stats = {"gc_stats": gc.get_stats(), "gc_count": gc.get_count(),
+                 "gc_objects": len(gc.get_objects()), "rss_bytes": _rss_bytes()}
+        await asyncio.to_thread(snap.dump, path + ".snap")
+        await asyncio.to_thread(Path(path + ".json").write_text, json.dumps(stats))
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
 
 
 def service_memory_tasks() -> list[asyncio.Task[None]]:
