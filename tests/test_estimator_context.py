@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from goodserve.dispatcher.estimator import FleetEstimator, fit_prefill, fit_tpot
-from goodserve.schemas import Heartbeat
 
 from goodserve.perf.latency import PerfModel
+from goodserve.testing.snapshots import beat, fleet
 
 GPUS = ["V100", "A40", "L40S", "A100", "A800", "H100"]
 
@@ -33,30 +33,8 @@ def test_prefill_curve_matches_the_performance_model(gpu: str) -> None:
         assert pb + pf * n + pq * n * n == pytest.approx(perf.prefill_time(n), rel=0.12)
 
 
-def _fleet(*gpus: str) -> FleetEstimator:
-    est = FleetEstimator()
-    for k, g in enumerate(gpus):
-        est.add_instance(f"{g.lower()}-{k}", gpu=g, alive=True)
-    return est
-
-
 def _beat(est: FleetEstimator, slot: int, *, running: int, kv_tokens: int | None) -> None:
-    info = est.infos[slot]
-    kv = {}
-    if kv_tokens is not None:
-        kv = dict(kv_used_blocks=kv_tokens // 16, kv_total_blocks=6000, kv_block_size=16)
-    est.on_heartbeat(
-        Heartbeat(
-            instance_id=info.instance_id,
-            gpu=info.gpu,
-            model=info.model,
-            engine="sim",
-            at=0.0,
-            running=running,
-            max_batch=256,
-            **kv,
-        )
-    )
+    beat(est, slot, running=running, kv_tokens=kv_tokens)
 
 
 @pytest.mark.parametrize(
@@ -64,7 +42,7 @@ def _beat(est: FleetEstimator, slot: int, *, running: int, kv_tokens: int | None
     [(1_000, 20_000), (4_000, 60_000), (0, 90_000)],
 )
 def test_an_instance_holding_more_kv_decodes_slower(short_kv: int, long_kv: int) -> None:
-    est = _fleet("A100", "A100")
+    est = fleet("A100", "A100")
     _beat(est, 0, running=16, kv_tokens=short_kv)
     _beat(est, 1, running=16, kv_tokens=long_kv)
     _, _, d, finish = est.estimate(100, 200)
@@ -76,7 +54,7 @@ def test_an_instance_holding_more_kv_decodes_slower(short_kv: int, long_kv: int)
 
 @pytest.mark.parametrize("gpu", ["V100", "H100"])
 def test_a_long_prompt_is_charged_for_its_own_context(gpu: str) -> None:
-    est = _fleet(gpu)
+    est = fleet(gpu)
     _beat(est, 0, running=32, kv_tokens=32 * 512)
     q_s, _, d_s, _ = est.estimate(100, 200)
     q_l, p_l, d_l, _ = est.estimate(8000, 200)
@@ -89,7 +67,7 @@ def test_a_long_prompt_is_charged_for_its_own_context(gpu: str) -> None:
 
 
 def test_cached_prefix_prefill_costs_between_the_new_tokens_and_the_whole_prompt() -> None:
-    est = _fleet("A40")
+    est = fleet("A40")
     fresh_new = float(est.prefill(1000.0)[0])
     after_cache = float(est.prefill(1000.0, 7000.0)[0])
     whole = float(est.prefill(8000.0)[0])
@@ -97,7 +75,7 @@ def test_cached_prefix_prefill_costs_between_the_new_tokens_and_the_whole_prompt
 
 
 def test_heartbeat_without_kv_gauges_assumes_a_typical_context() -> None:
-    est = _fleet("H100", "H100")
+    est = fleet("H100", "H100")
     _beat(est, 0, running=200, kv_tokens=None)
     _beat(est, 1, running=0, kv_tokens=None)
     assert est.hb_kv_used[0] == 200 * 512
@@ -107,7 +85,7 @@ def test_heartbeat_without_kv_gauges_assumes_a_typical_context() -> None:
 
 
 def test_context_terms_survive_the_audit_record() -> None:
-    est = _fleet("V100", "A100", "H100")
+    est = fleet("V100", "A100", "H100")
     _beat(est, 0, running=40, kv_tokens=30_000)
     _beat(est, 2, running=5, kv_tokens=9_000)
     est.on_assign(
@@ -120,7 +98,7 @@ def test_context_terms_survive_the_audit_record() -> None:
 
 
 def test_prompts_sent_to_an_instance_stretch_its_tpot_until_they_age() -> None:
-    est = _fleet("A100", "A100")
+    est = fleet("A100", "A100")
     for k in range(5):  # 5 x 2k-token prompts within a quarter second to instance 0
         est.on_assign(
             "a100-0",
@@ -134,10 +112,7 @@ def test_prompts_sent_to_an_instance_stretch_its_tpot_until_they_age() -> None:
     assert est.stretch[0] == pytest.approx(1.0 / (1.0 - est.prefill_busy[0]))
     stretched = float(est.tpot(8.0, 0.0)[0])
     assert stretched > 1.1 * float(est.tpot(8.0, 0.0)[1])
-    later = Heartbeat(
-        instance_id="a100-0", gpu="A100", model="llama-2-7b", engine="sim", at=30.0, running=20
-    )
-    est.on_heartbeat(later)  # 30 s later (6 time constants): the burst has aged away
+    beat(est, 0, at=30.0, running=20)  # 30 s later (6 time constants): the burst has aged away
     assert est.prefill_busy[0] < 0.01 * 0.8
     assert float(est.tpot(8.0, 0.0)[0]) == pytest.approx(
         float(est.tpot(8.0, 0.0)[1]) * float(est.tpot_corr[0] / est.tpot_corr[1]), rel=0.01
@@ -145,23 +120,11 @@ def test_prompts_sent_to_an_instance_stretch_its_tpot_until_they_age() -> None:
 
 
 def _tpot_beat(est: FleetEstimator, at: float, tpot_s: float) -> None:
-    est.on_heartbeat(
-        Heartbeat(
-            instance_id="h100-0",
-            gpu="H100",
-            model="llama-2-7b",
-            engine="sim",
-            at=at,
-            running=8,
-            kv_used_blocks=8 * 512 // 16,
-            kv_total_blocks=6000,
-            tpot_s=tpot_s,
-        )
-    )
+    beat(est, 0, at=at, running=8, kv_tokens=8 * 512, tpot_s=tpot_s)
 
 
 def test_one_long_step_is_not_a_slowdown_but_a_lasting_one_is() -> None:
-    est = _fleet("H100")
+    est = fleet("H100")
     normal = float(est.tpot(8.0, 8 * 512)[0])
     t = 0.0
     for _ in range(50):

@@ -13,6 +13,7 @@ from goodserve.dispatcher.router import Router, replay
 from goodserve.schemas import AgentRequest, Heartbeat, RequestProgress, decode, encode
 
 from goodserve.sim.oracle import OraclePrediction
+from goodserve.testing.snapshots import beat, fleet
 
 
 class FixedPredictor:
@@ -28,13 +29,6 @@ class FixedPredictor:
 
     def predict(self, x: object) -> OraclePrediction:
         return OraclePrediction(self.p50, self.p90, self.p90)
-
-
-def fleet(*gpus: str, now: float = 0.0) -> FleetEstimator:
-    est = FleetEstimator()
-    for k, g in enumerate(gpus):
-        est.add_instance(f"{g.lower()}-{k}", gpu=g, now=now, alive=True)
-    return est
 
 
 def route(
@@ -103,18 +97,8 @@ def test_just_enough(
 
 def busy(est: FleetEstimator, running: int = 200) -> FleetEstimator:
     """Every instance runs a big batch (heartbeats say so): no spare capacity anywhere."""
-    for info in est.infos:
-        est.on_heartbeat(
-            Heartbeat(
-                instance_id=info.instance_id,
-                gpu=info.gpu,
-                model=info.model,
-                engine="sim",
-                at=0.0,
-                running=running,
-                max_batch=256,
-            )
-        )
+    for slot in range(len(est)):
+        beat(est, slot, running=running)
     return est
 
 
@@ -243,20 +227,7 @@ def test_stale_instance_is_excluded() -> None:
 
 def test_load_moves_work_away() -> None:
     est = fleet("H100", "H100")
-    est.on_heartbeat(
-        Heartbeat(
-            instance_id="h100-0",
-            gpu="H100",
-            model="llama-2-7b",
-            engine="sim",
-            at=0.0,
-            running=200,
-            waiting=50,
-            max_batch=256,
-            kv_used_blocks=100,
-            kv_total_blocks=1000,
-        )
-    )
+    beat(est, 0, running=200, waiting=50, kv_tokens=100 * 16, kv_total_blocks=1000)
     for policy in ["least-request", "fastest-first", "power-of-two", "least-kv"]:
         assert route(est, policy, slo_s=10.0, p50=100) == "h100-1", policy
 
@@ -327,27 +298,10 @@ def test_replay_is_bit_identical_and_detects_tampering(policy: str) -> None:
         )
         records.append(router.route(req, i * 0.05).record())
         if i % 10 == 9:
-            est.on_heartbeat(
-                Heartbeat(
-                    instance_id="a40-1",
-                    gpu="A40",
-                    model="llama-2-7b",
-                    engine="sim",
-                    at=i * 0.05,
-                    running=3,
-                    max_batch=256,
-                    tpot_s=0.05,
-                    requests=[
-                        RequestProgress(
-                            request_id="r1",
-                            state="running",
-                            generated=20,
-                            input_tokens=60,
-                            deadline=3.0,
-                        )
-                    ],
-                )
+            progress = RequestProgress(
+                request_id="r1", state="running", generated=20, input_tokens=60, deadline=3.0
             )
+            beat(est, 1, at=i * 0.05, running=3, tpot_s=0.05, requests=[progress])
     for rec in records:
         wire = decode(encode(rec))  # through the wire format, as read back from Kafka
         chosen, _ = replay(wire)
@@ -372,16 +326,5 @@ def test_estimator_learns_tpot_from_heartbeats() -> None:
     est = fleet("A100")
     model = float(est.tpot(10.0)[0])
     for k in range(30):
-        est.on_heartbeat(
-            Heartbeat(
-                instance_id="a100-0",
-                gpu="A100",
-                model="llama-2-7b",
-                engine="sim",
-                at=float(k),
-                running=10,
-                max_batch=256,
-                tpot_s=2 * model,
-            )
-        )
+        beat(est, 0, at=float(k), running=10, tpot_s=2 * model)
     assert math.isclose(float(est.tpot(10.0)[0]), 2 * model, rel_tol=0.02)

@@ -11,7 +11,8 @@ from goodserve.monitor.risk import (
     miss_risk,
     survival,
 )
-from goodserve.schemas import Heartbeat, RequestProgress
+
+from goodserve.testing.snapshots import beat, progress_of
 
 
 def test_length_model() -> None:
@@ -25,34 +26,12 @@ def test_length_model() -> None:
 
 
 def _beat(est: FleetEstimator, slot: int, at: float, *, tpot_factor: float) -> None:
-    info = est.infos[slot]
-    reqs = [
-        RequestProgress(
-            request_id=tr.request_id,
-            state="running",
-            generated=tr.generated,
-            input_tokens=tr.input_tokens,
-            deadline=tr.deadline,
-        )
-        for tr in info.requests.values()
-    ]
+    """A heartbeat of the instance's own requests, running at ``tpot_factor`` x the model."""
+    reqs = progress_of(est, slot)
     running = max(len(reqs), 1)
-    kv = sum(tr.input_tokens + tr.generated for tr in info.requests.values())
+    kv = sum(tr.input_tokens + tr.generated for tr in est.infos[slot].requests.values())
     model = float(est.tpot(float(running), float(kv))[slot] / est.tpot_corr[slot])
-    est.on_heartbeat(
-        Heartbeat(
-            instance_id=info.instance_id,
-            gpu=info.gpu,
-            model=info.model,
-            engine="sim",
-            at=at,
-            running=running,
-            kv_used_blocks=kv // 16,
-            kv_total_blocks=6000,
-            tpot_s=model * tpot_factor,
-            requests=reqs,
-        )
-    )
+    beat(est, slot, at=at, running=running, kv_tokens=kv, tpot_s=model * tpot_factor, requests=reqs)
 
 
 def _situation(*, slow_factor: float, generated: int, cached: int = 0, deadline: float = 8.0):  # type: ignore[no-untyped-def]
