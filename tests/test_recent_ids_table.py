@@ -57,16 +57,16 @@ class DictRecentIds:
 
 def check_invariants(ids: RecentIds) -> None:
     """Every live ring slot is in the table exactly once, at the end of its probe from home."""
-    table = ids._table
+    table = ids._t
     live = [(ids._head + n) % ids._ring for n in range(ids._used)
-            if ids._secs[(ids._head + n) % ids._ring] != ri._DEAD]
+            if ids._s[(ids._head + n) % ids._ring] != ri._DEAD]
     assert len(live) == len(ids)
     assert sorted(int(r) for r in table if r >= 0) == sorted(live)
     mask = ids._mask
     for slot, r in enumerate(table):
         if r < 0:
             continue
-        i = int(ids._keys[r]) & mask
+        i = int(ids._k[r]) & mask
         while i != slot:  # no empty slot between home and where it sits
             assert table[i] >= 0
             i = (i + 1) & mask
@@ -150,17 +150,17 @@ def test_deleting_inside_a_cluster_keeps_the_rest_findable(colliding: None) -> N
         assert rid not in ids
         assert all(r in ids for r in order[k + 1:])
         check_invariants(ids)
-    assert len(ids) == 0 and all(r < 0 for r in ids._table)
+    assert len(ids) == 0 and all(r < 0 for r in ids._t)
 
 
 def test_refreshes_compact_the_ring_in_place() -> None:
     ids = RecentIds(ttl_s=1e6, capacity=100)
-    keys, secs = ids._keys, ids._secs
+    keys, secs = ids._k, ids._s
     for i in range(60):
         ids.add(f"r{i}", now=0.0)
     for k in range(5 * ids._ring):  # each refresh leaves one dead slot behind
         assert not ids.add(f"r{k % 7}", now=1.0 + k)
-    assert ids._keys is keys and ids._secs is secs  # the same arrays throughout
+    assert ids._k is keys and ids._s is secs  # the same arrays throughout
     assert len(ids) == 60 and all(f"r{i}" in ids for i in range(60))
     check_invariants(ids)
     ids.add("new", now=1e5)
