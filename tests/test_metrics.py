@@ -59,6 +59,18 @@ def test_sliding_window() -> None:
     assert w.attainment() == pytest.approx(4 / 6)
 
 
+def test_sliding_window_memory_does_not_grow_with_the_rate() -> None:
+    now = [0.0]
+    w = SlidingWindow(60.0, clock=lambda: now[0])
+    for k in range(120_000):  # 2,000 results/s for a minute
+        now[0] = k / 2000.0
+        w.add(k % 10 != 0)
+    assert w.count() == 120_000 and w.attainment() == pytest.approx(0.9)
+    assert len(w._events) <= 60 * w.ticks_per_s + 1  # one entry per tick, not per result
+    now[0] = 200.0
+    assert w.count() == 0 and len(w._events) == 0
+
+
 async def test_registries_are_per_instance_and_served_over_http() -> None:
     a, b = WorkerMetrics("w1"), WorkerMetrics("w2")
     a.observe_result(Result(request_id="x", status="ok", output_tokens=11, first_token_at=1.0,
