@@ -74,8 +74,9 @@ def validate_request(req: AgentRequest, now: float, limits: Limits,
 class SeenRequests:
     """Request ids seen in the last ``ttl_s`` seconds (at most ``capacity``): duplicates are
     refused. Bounded by time as well as count so memory stays flat under sustained load: a
-    re-delivery (crash, rewind) arrives within seconds, not minutes. Ids are kept as 64-bit
-    hashes (``goodserve.recent_ids``): ~70-100 bytes each."""
+    re-delivery (crash, rewind) arrives within seconds, not minutes. Ids are kept in
+    ``goodserve.recent_ids``'s fixed-size table: 5.7 MB for 200,000 ids, allocated at
+    construction."""
 
     def __init__(self, capacity: int = 200_000, ttl_s: float = 120.0) -> None:
         self.capacity = capacity
