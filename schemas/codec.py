@@ -6,6 +6,7 @@ checks the schema version and maps msgspec's errors to typed GoodServe errors.
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any, TypeVar
 
@@ -75,9 +76,25 @@ def to_builtins(msg: Message) -> dict[str, Any]:
     return out
 
 
+def _clean_descriptions(node: Any) -> Any:
+    """Docstring-derived descriptions without their source indentation: msgspec releases
+    differ on whether they dedent them, and the checked-in schema must not depend on that."""
+    if isinstance(node, dict):
+        return {
+            k: inspect.cleandoc(v)
+            if k == "description" and isinstance(v, str)
+            else _clean_descriptions(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_clean_descriptions(v) for v in node]
+    return node
+
+
 def json_schemas() -> dict[str, Any]:
     """JSON Schema of every message (one document with $defs), for producers in other languages."""
-    _, components = msgspec.json.schema_components(MESSAGE_TYPES)
+    _, raw = msgspec.json.schema_components(MESSAGE_TYPES)
+    components = _clean_descriptions(raw)
     schema: dict[str, Any] = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "GoodServe wire messages",
