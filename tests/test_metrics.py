@@ -129,7 +129,14 @@ async def test_dispatcher_and_monitor_metrics_over_http(kafka_settings: Settings
         await asyncio.sleep(0.3)
         d = parse(await scrape(disp._metrics_server.url))
         assert mon._metrics_server is not None
-        m = parse(await scrape(mon._metrics_server.url))
+        # the monitor plans every period_s (0.5 s): the run may be over before its first round
+        end = time.monotonic() + 10
+        while True:
+            m = parse(await scrape(mon._metrics_server.url))
+            if value(m, "goodserve_monitor_rounds_total") >= 1:
+                break
+            assert time.monotonic() < end, "the monitor never planned a round"
+            await asyncio.sleep(0.1)
         ws = []
         for w in workers:
             assert w._metrics_server is not None
