@@ -1,6 +1,6 @@
 """Kafka transport: typed producers and consumers over aiokafka, topics, dead letters."""
 
-from .consumer import Envelope, TypedConsumer
+from .consumer import BULK_FETCH_MAX_WAIT_MS, BULK_FETCH_MIN_BYTES, Envelope, TypedConsumer
 from .deadletter import DeadLetterSink, make_dead_letter
 from .kafka import kafka_client_kwargs, kafka_errors, map_kafka_error, ssl_context
 from .producer import Delivery, Sent, TypedProducer
@@ -13,6 +13,8 @@ from .topics import (
 )
 
 __all__ = [
+    "BULK_FETCH_MAX_WAIT_MS",
+    "BULK_FETCH_MIN_BYTES",
     "DeadLetterSink",
     "Delivery",
     "Envelope",

@@ -41,6 +41,11 @@ def _headers(msg: Message) -> list[tuple[str, bytes]]:
     return [("kind", type_name(msg).encode()), ("v", str(msg.v).encode())]
 
 
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class Delivery:
     """An enqueued record; ``await`` it for its ``Sent`` (errors arrive as TransportError)."""
 
@@ -52,6 +57,15 @@ class Delivery:
 
     def __await__(self) -> Generator[Any, None, Sent]:
         return self._wait().__await__()
+
+    def done(self) -> bool:
+        """Acknowledged or failed (awaiting it then does not wait)."""
+        return self._fut.done()
+
+    def discard(self) -> None:
+        """Nobody will await this delivery: retrieve its outcome when it comes (no
+        'exception was never retrieved' warnings for a batch given up on)."""
+        self._fut.add_done_callback(_retrieve)
 
     async def _wait(self) -> Sent:
         try:
