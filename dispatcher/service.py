@@ -69,7 +69,12 @@ from goodserve.sim.kvcache import (
     block_hashes_for_text,
     block_hashes_for_tokens,
 )
-from goodserve.transport.consumer import Envelope, TypedConsumer
+from goodserve.transport.consumer import (
+    BULK_FETCH_MAX_WAIT_MS,
+    BULK_FETCH_MIN_BYTES,
+    Envelope,
+    TypedConsumer,
+)
 from goodserve.transport.deadletter import DeadLetterSink
 from goodserve.transport.kafka import kafka_client_kwargs, kafka_errors
 from goodserve.transport.producer import Delivery, TypedProducer
@@ -131,6 +136,17 @@ class _Handover:
 
 
 @dataclass(slots=True)
+class _InFlight:
+    """A routed batch: its records are enqueued; its offsets are committed once they (and
+    those of every batch before it) are acknowledged."""
+
+    envs: list[Envelope[AgentRequest]]
+    done: list[Envelope[AgentRequest]]
+    """What to commit past (not the held ones)."""
+    deliveries: list[Delivery]
+
+
+@dataclass(slots=True)
 class _Orphan:
     """A request to dispatch again: its instance died, drained, or died handing it over."""
 
@@ -153,6 +169,9 @@ class DispatcherService:
     unsettled Assignments (from their group's committed offset), the checkpoints in the
     window and the Results since the oldest of those, so a rebuild's cost follows the work
     in flight, not the request rate times the window.
+
+    ``max_inflight_batches`` (default 8): routed polls whose records may be waiting for
+    their acks while the next poll is routed; one more waits for the oldest to settle.
     """
 
     def __init__(
@@ -173,12 +192,15 @@ class DispatcherService:
         max_tokens_bound: bool = True,
         seed: int = 0,
         batch_size: int = 500,
+        max_inflight_batches: int = 8,
         metrics_port: int | None = None,
         drain_timeout_s: float = 10.0,
         rebuild_lookback_s: float = 600.0,
     ) -> None:
         if not rebuild_lookback_s >= 0:
             raise ConfigError(f"rebuild_lookback_s must be >= 0, got {rebuild_lookback_s}")
+        if max_inflight_batches < 1:
+            raise ConfigError(f"max_inflight_batches must be >= 1, got {max_inflight_batches}")
         if max_held < 0:
             raise ConfigError(f"max_held must be >= 0, got {max_held}")
         if default_slo_s <= 0:
@@ -242,6 +264,14 @@ class DispatcherService:
         self._last_heartbeat = 0.0
         self._blackout_until = 0.0
         self._producer: TypedProducer | None = None
+        self._inflight: deque[_InFlight] = deque()
+        """Routed batches whose records are enqueued, oldest first, not yet committed."""
+        self.max_inflight_batches = max_inflight_batches
+        self._commit_targets: dict[tuple[str, int], Envelope[AgentRequest]] = {}
+        self._committer: asyncio.Task[None] | None = None
+        self.commit_interval_s = 0.02
+        """At most one offset commit of the requests topic per this period."""
+        self._last_commit = -1e9
         self._requests: TypedConsumer[AgentRequest] | None = None
         self._fleet_consumer: TypedConsumer[Any] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -270,7 +300,11 @@ class DispatcherService:
         )
         s = self.settings
         await ensure_topics(s, standard_topics(s))
-        self._producer = TypedProducer(settings=s, client_id=f"{s.client_id}-dispatcher")
+        # linger 0: a poll's records are enqueued back to back and leave as one request
+        # once the loop yields; lingering only delayed them (and split polls' records)
+        self._producer = TypedProducer(
+            settings=s, client_id=f"{s.client_id}-dispatcher", linger_ms=0
+        )
         await self._producer.start()
         sink = DeadLetterSink(settings=s, service="dispatcher", producer=self._producer)
         self._requests = TypedConsumer(
@@ -291,6 +325,9 @@ class DispatcherService:
             dead_letters=sink,
             auto_offset_reset="latest",
             poll_timeout_ms=50,
+            # fleet state (heartbeats every 250 ms+, results) tolerates 20 ms: fewer fetches
+            fetch_max_wait_ms=BULK_FETCH_MAX_WAIT_MS,
+            fetch_min_bytes=BULK_FETCH_MIN_BYTES,
         )
         await self._fleet_consumer.start()
         await self._requests.start()
@@ -371,9 +408,12 @@ class DispatcherService:
                     await asyncio.sleep(0.05)  # backpressure: stop consuming until work drains
                     await self._retry_held()
                     continue
-                envs = await self._requests.getmany(timeout_ms=50, max_records=self.batch_size)
+                # batches in flight: poll briefly, so that their commits follow their acks
+                wait_ms = 5 if self._inflight else 50
+                envs = await self._requests.getmany(timeout_ms=wait_ms, max_records=self.batch_size)
                 if envs:
-                    await self.handle_batch(envs)
+                    self._inflight.append(await self._route_batch(envs))
+                await self._settle_batches(block=len(self._inflight) > self.max_inflight_batches)
                 await self._retry_held()
             except asyncio.CancelledError:
                 raise
@@ -383,14 +423,25 @@ class DispatcherService:
             except Exception:  # keep the service alive; the batch is re-read (not committed)
                 log.exception("dispatcher.request_loop_crash")
                 await asyncio.sleep(0.5)
+        try:  # stopping: what was routed is acknowledged and committed before the loop ends
+            await self._settle_batches(drain=True)
+        except GoodServeError as e:
+            log.warning("dispatcher.final_settle_failed", error=str(e))
 
     async def handle_batch(self, envs: list[Envelope[AgentRequest]]) -> None:
-        """Route a batch, wait for its records to be acknowledged, then commit it.
+        """Route a batch, wait for its records (and those of batches before it) to be
+        acknowledged, then commit it."""
+        self._inflight.append(await self._route_batch(envs))
+        await self._settle_batches(drain=True)
+
+    async def _route_batch(self, envs: list[Envelope[AgentRequest]]) -> _InFlight:
+        """Route a batch and enqueue its records; the batch in flight, to settle later.
 
         Requests are validated first; those to route are predicted together (one forest
-        walk for the poll) and then routed one by one in arrival order.
+        walk for the poll) and then routed one by one in arrival order. Nothing is awaited
+        but enqueueing: the request loop routes the next poll while this one's records are
+        acknowledged (``_settle_batches`` commits batches in order once they are).
         """
-        assert self._requests is not None
         deliveries: list[Delivery] = []
         done: list[Envelope[AgentRequest]] = []
         now = time.time()
@@ -410,20 +461,37 @@ class DispatcherService:
                 outcome = await self._route(env, now, deliveries, predicted=p)
             if outcome != "held":
                 done.append(env)
-        try:
-            for d in deliveries:
-                await d
-        except GoodServeError:
-            # some outputs of this batch were not acknowledged: read the batch again (the
-            # idempotent producer makes re-sent records harmless; workers de-duplicate)
-            for env in envs:
-                self.seen.discard(env.msg.request_id)
-            for h, _ in self.held:
-                self.seen.discard(h.msg.request_id)
-            self.held.clear()
-            self.stats.held_now = 0
-            await self._requests.rewind()
-            raise
+        return _InFlight(envs, done, deliveries)
+
+    async def _settle_batches(self, *, block: bool = False, drain: bool = False) -> None:
+        """Commit the batches in flight whose records are all acknowledged, oldest first.
+
+        ``block``: wait for the oldest one; ``drain``: wait for all of them and for their
+        commit. A batch is committed only after its own records and those of every batch
+        before it are acknowledged. If any record was not acknowledged, every batch in
+        flight is read again from the committed offsets (the idempotent producer makes
+        re-sent records harmless; workers de-duplicate Assignments).
+        """
+        assert self._requests is not None
+        while self._inflight:
+            head = self._inflight[0]
+            if not (block or drain) and not all(d.done() for d in head.deliveries):
+                break
+            try:
+                for d in head.deliveries:
+                    await d
+            except GoodServeError:
+                await self._abandon_inflight()
+                raise
+            self._inflight.popleft()
+            block = False
+            self._commit_later(head.done)
+        if drain:
+            await self._commit_flush()
+
+    def _commit_later(self, done: list[Envelope[AgentRequest]]) -> None:
+        """Commit past ``done`` (acknowledged) in the background: one commit in flight,
+        later settles move its target (the request loop does not wait for the broker)."""
         if self.held:
             # never commit past a held request: it must survive a crash of this replica
             floor: dict[tuple[str, int], int] = {}
@@ -431,8 +499,64 @@ class DispatcherService:
                 k = (h.topic, h.partition)
                 floor[k] = min(floor.get(k, h.offset), h.offset)
             done = [e for e in done if e.offset < floor.get((e.topic, e.partition), 1 << 62)]
-        if done:
-            await self._requests.commit(done)
+        for e in done:
+            k = (e.topic, e.partition)
+            cur = self._commit_targets.get(k)
+            if cur is None or e.offset > cur.offset:
+                self._commit_targets[k] = e
+        if self._commit_targets and (self._committer is None or self._committer.done()):
+            self._committer = asyncio.create_task(self._commit_loop(), name="dispatcher-commit")
+
+    async def _commit_loop(self) -> None:
+        assert self._requests is not None
+        loop = asyncio.get_running_loop()
+        while self._commit_targets:
+            wait = self._last_commit + self.commit_interval_s - loop.time()
+            if wait > 0:  # at most one commit per interval: later settles join this one
+                await asyncio.sleep(wait)
+            self._last_commit = loop.time()
+            targets = list(self._commit_targets.values())
+            self._commit_targets.clear()
+            try:
+                await self._requests.commit(targets)
+            except GoodServeError as e:  # kept for the next commit; a crash re-delivers
+                log.warning("dispatcher.commit_failed", error_code=e.code, error=str(e))
+                for t in targets:
+                    k = (t.topic, t.partition)
+                    cur = self._commit_targets.get(k)
+                    if cur is None or t.offset > cur.offset:
+                        self._commit_targets[k] = t
+                return
+
+    async def _commit_flush(self) -> None:
+        """Wait for the background commit (and for one more of what it left)."""
+        for _ in range(2):
+            task = self._committer
+            if task is not None and not task.done():
+                await asyncio.wait([task])
+            if not self._commit_targets:
+                return
+            self._committer = asyncio.create_task(self._commit_loop(), name="dispatcher-commit")
+
+    async def _abandon_inflight(self) -> None:
+        """Some records in flight were not acknowledged: forget every batch in flight (and
+        what is held) and read them again from the committed offsets."""
+        assert self._requests is not None
+        for b in self._inflight:
+            for d in b.deliveries:
+                d.discard()
+            for env in b.envs:
+                self.seen.discard(env.msg.request_id)
+        self._inflight.clear()
+        for h, _ in self.held:
+            self.seen.discard(h.msg.request_id)
+        self.held.clear()
+        self.stats.held_now = 0
+        task = self._committer
+        if task is not None and not task.done():
+            await asyncio.wait([task])  # the rewind reads the offsets it committed
+        self._commit_targets.clear()
+        await self._requests.rewind()
 
     def _predict_batch(self, reqs: list[AgentRequest]) -> list[Predicted | None]:
         """Predicted lengths of a poll's requests at once; None where a request must be
@@ -573,6 +697,7 @@ class DispatcherService:
             # expire held requests whose deadline passed
             return
         assert self._requests is not None
+        await self._settle_batches(drain=True)  # commit(None) below covers all handed out
         batch = []
         while self.held:
             batch.append(self.held.popleft()[0])
