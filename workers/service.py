@@ -158,6 +158,7 @@ class WorkerService:
         max_inflight: int = 1024,
         log_payloads: bool | None = None,
         finished_memory: int = 100_000,
+        commit_interval_s: float = 0.05,
         metrics_port: int | None = None,
         on_assignment: Callable[[Assignment], None] | None = None,
     ) -> None:
@@ -171,6 +172,8 @@ class WorkerService:
             raise ConfigError("gpu and model must be non-empty")
         if not heartbeat_period_s > 0:
             raise ConfigError(f"heartbeat_period_s must be > 0, got {heartbeat_period_s}")
+        if not commit_interval_s >= 0:
+            raise ConfigError(f"commit_interval_s must be >= 0, got {commit_interval_s}")
         if max_inflight < 1 or finished_memory < 1:
             raise ConfigError("max_inflight and finished_memory must be >= 1")
         self.settings = settings
@@ -182,6 +185,9 @@ class WorkerService:
         self.max_inflight = int(max_inflight)
         self.log_payloads = settings.log_payloads if log_payloads is None else log_payloads
         self.finished_memory = int(finished_memory)
+        self.commit_interval_s = float(commit_interval_s)
+        """At most one offset commit per this period (settles in between move its target):
+        a crash re-delivers at most this much more settled work, for far fewer commits."""
         self.on_assignment = on_assignment
         """Called (synchronously) with each Assignment as the consumer hands it over, before
         any check: instrumentation (``goodserve bench dispatch``); it must be quick."""
@@ -198,6 +204,9 @@ class WorkerService:
         self._settled: set[int] = set()
         self._commit_next: Envelope[Message] | None = None
         self._committing = False
+        self._committer: asyncio.Task[None] | None = None
+        self._flush_commits = asyncio.Event()
+        self._last_commit = -1e9
         self._slots: asyncio.Semaphore | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._current: asyncio.Future[None] | None = None
@@ -262,6 +271,8 @@ class WorkerService:
         self._producer, self._consumer = producer, consumer
         self._seq = 0
         self._last_tokens = self.engine.status().tokens_generated
+        self._flush_commits = asyncio.Event()
+        self._committer = None
         self._accepting = True
         self._draining = False
         self._loop_task = asyncio.create_task(self._consume(), name=f"{self.service_name}-consume")
@@ -305,6 +316,7 @@ class WorkerService:
         with contextlib.suppress(GoodServeError):
             await self._send_heartbeat()
         assert self._consumer is not None and self._producer is not None
+        await self._flush_pending_commit()
         with contextlib.suppress(GoodServeError):
             await self._consumer.stop(drain_timeout_s=1.0)
         await self.engine.stop()
@@ -420,22 +432,66 @@ class WorkerService:
             last = head
         if last is None:
             return
-        # Coalesced: one commit in flight at a time; settles meanwhile only move the target,
-        # which the caller already committing commits next (one commit per request would
-        # queue behind aiokafka's commit lock and load the broker at high request rates).
+        # Coalesced: one commit in flight at a time, at most one per commit_interval_s;
+        # settles meanwhile only move the target (one commit per request would queue
+        # behind aiokafka's commit lock and load the broker at high request rates). The
+        # first settle after a quiet period commits inline, as soon as it can.
         self._commit_next = last
         if self._committing:
             return
         self._committing = True
+        if asyncio.get_running_loop().time() - self._last_commit < self.commit_interval_s:
+            self._start_delayed_commits()
+            return
+        try:
+            target, self._commit_next = self._commit_next, None
+            await self._commit(target)
+        except BaseException:
+            self._committing = False
+            raise
+        if self._commit_next is not None:
+            self._start_delayed_commits()  # settled while committing: the next one later
+        else:
+            self._committing = False
+
+    def _start_delayed_commits(self) -> None:
+        self._committer = asyncio.create_task(
+            self._delayed_commits(), name=f"{self.service_name}-commit"
+        )
+
+    async def _delayed_commits(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self._commit_next is not None and self._consumer is not None:
+                wait = self._last_commit + self.commit_interval_s - loop.time()
+                if wait > 0 and not self._flush_commits.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._flush_commits.wait(), wait)
                 target, self._commit_next = self._commit_next, None
-                try:
-                    await self._consumer.commit(target)
-                except GoodServeError as e:  # the next commit covers it; a crash re-delivers
-                    log.warning("worker.commit_failed", error_code=e.code, error=str(e))
+                if target is not None:
+                    await self._commit(target)
         finally:
             self._committing = False
+
+    async def _commit(self, target: Envelope[Message]) -> None:
+        assert self._consumer is not None
+        try:
+            await self._consumer.commit(target)
+        except GoodServeError as e:  # the next commit covers it; a crash re-delivers
+            log.warning("worker.commit_failed", error_code=e.code, error=str(e))
+        finally:
+            self._last_commit = asyncio.get_running_loop().time()
+
+    async def _flush_pending_commit(self) -> None:
+        """Commit what is settled now (stop: nothing settled is left uncommitted)."""
+        self._flush_commits.set()
+        task = self._committer
+        if task is not None and not task.done():
+            with contextlib.suppress(Exception):
+                await task
+        if self._commit_next is not None and not self._committing and self._consumer:
+            target, self._commit_next = self._commit_next, None
+            await self._commit(target)
 
     async def _on_assignment(self, env: Envelope[Message], a: Assignment) -> None:
         assert self._consumer is not None and self._slots is not None
