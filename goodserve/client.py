@@ -32,7 +32,13 @@ from goodserve.config import Settings
 from goodserve.errors import ConfigError, GoodServeError, TransportError
 from goodserve.logging import get_logger
 from goodserve.schemas import AgentRequest, Result
-from goodserve.transport import TypedConsumer, TypedProducer, ensure_topics
+from goodserve.transport import (
+    BULK_FETCH_MAX_WAIT_MS,
+    BULK_FETCH_MIN_BYTES,
+    TypedConsumer,
+    TypedProducer,
+    ensure_topics,
+)
 
 __all__ = ["GoodServeClient", "ResultTimeout"]
 
@@ -96,6 +102,9 @@ class GoodServeClient:
             service="client",
             message_type=Result,
             auto_offset_reset="latest",
+            # results are off the dispatch path: fewer, fuller fetches (<= 20 ms later)
+            fetch_max_wait_ms=BULK_FETCH_MAX_WAIT_MS,
+            fetch_min_bytes=BULK_FETCH_MIN_BYTES,
         )
         try:
             await producer.start()
