@@ -246,12 +246,19 @@ async def run_dispatch_bench_processes(
     time_scale: float = 0.01,
     output_tokens: int = 8,
     warmup: int = 200,
+    warmup_s: float = 3.0,
     policy: str = "goodserve",
     monitor: bool = True,
     drain_timeout_s: float = 30.0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """As ``run_dispatch_bench`` with the dispatcher and the workers as separate processes."""
+    """As ``run_dispatch_bench`` with the dispatcher and the workers as separate processes.
+
+    ``warmup_s``: after the ``warmup`` requests, this many seconds of requests at ``rps``
+    run unmeasured right before the measured ones (same schedule, no pause): the JIT of a
+    broker the bench just started, the clients' batching and the dispatcher reach the
+    steady state the measured window reports.
+    """
     if rps <= 0 or duration_s <= 0 or instances < 1 or time_scale <= 0 or output_tokens < 1:
         raise ConfigError("rps, duration_s, instances, time_scale, output_tokens must be > 0")
     say = progress or (lambda _t: None)
@@ -287,20 +294,26 @@ async def run_dispatch_bench_processes(
             if not await _until(lambda: counts["warm"] >= warmup, 120.0):
                 raise ConfigError(f"warm-up: {counts['warm']}/{warmup} assignments arrived")
             await asyncio.sleep(0.5)
-            say(f"sending {n} requests at {rps:g}/s")
-            reqs = [_request(f"{prefix}-m", k, output_tokens) for k in range(n)]
+            n_w = max(0, round(rps * warmup_s))
+            say(f"sending {n_w} unmeasured then {n} measured requests at {rps:g}/s")
+            reqs = [_request(f"{prefix}-r", k, output_tokens) for k in range(n_w)]
+            reqs += [_request(f"{prefix}-m", k, output_tokens) for k in range(n)]
             tasks: list[asyncio.Task[AgentRequest]] = []
             lag_max = 0.0
-            cpu_disp0, cpu_work0 = _cpu_s(dispatcher.pid), _cpu_s(workers.pid)
-            t0 = time.perf_counter()
+            cpu_disp0 = cpu_work0 = 0.0
+            t_start = time.perf_counter()
+            t0 = t_start + n_w / rps
             for k, r in enumerate(reqs):
-                due = t0 + k / rps
+                due = t_start + k / rps
+                if k == n_w:  # the measured window begins
+                    cpu_disp0, cpu_work0 = _cpu_s(dispatcher.pid), _cpu_s(workers.pid)
                 now = time.perf_counter()
                 if due > now:
                     await asyncio.sleep(due - now)
                     now = time.perf_counter()
-                lag_max = max(lag_max, now - due)
-                sent_at[r.request_id] = time.time()
+                if k >= n_w:
+                    lag_max = max(lag_max, now - due)
+                    sent_at[r.request_id] = time.time()
                 tasks.append(asyncio.create_task(client.submit(r)))
             t_last = time.perf_counter()
             await asyncio.gather(*tasks)
@@ -342,6 +355,7 @@ async def run_dispatch_bench_processes(
         "time_scale": time_scale,
         "rate_target": rps,
         "duration_s": duration_s,
+        "warmup_s": warmup_s,
         "requests": n,
         "measured": int(lat.size),
         "missing": n - int(lat.size),

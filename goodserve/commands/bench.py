@@ -33,6 +33,9 @@ def register(sub: Any) -> None:
                    help="simulated engines' time scale (default 0.01)")
     d.add_argument("--output-tokens", type=int, default=8, help="tokens per request (default 8)")
     d.add_argument("--warmup", type=int, default=200, help="unmeasured requests first")
+    d.add_argument("--warmup-s", type=float, default=3.0,
+                   help="then seconds of unmeasured requests at --rps, right before the "
+                        "measured ones (default 3; processes mode)")
     d.add_argument("--policy", default="goodserve")
     d.add_argument("--no-monitor", action="store_true", help="run without the risk monitor")
     d.add_argument("--partitions", type=int, default=2, help="partitions of the topics (2)")
@@ -93,6 +96,8 @@ def run_dispatch(args: argparse.Namespace) -> int:
         policy=args.policy, monitor=not args.no_monitor, progress=say,
     )
     bench = run_dispatch_bench if args.in_process else run_dispatch_bench_processes
+    if not args.in_process:
+        kw["warmup_s"] = args.warmup_s
 
     async def go() -> dict[str, Any]:
         if args.bootstrap_servers:
