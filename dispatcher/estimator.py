@@ -194,8 +194,7 @@ class FleetEstimator:
         #   q_cache: request-independent queueing delay; d_cache: TPOT with one more request
         #   in the batch (both see _refresh); pbc, pfc, pqc: pb, pf, pq * prefill_corr;
         #   k_ctx: dc * tpot_corr * stretch, the TPOT per KV token of the request itself.
-        self._coef = np.zeros((len(_COEF_ROWS), n))
-        self.q_cache, self.pbc, self.pfc, self.pqc, self.d_cache, self.k_ctx = self._coef
+        self._bind_coef(np.zeros((len(_COEF_ROWS), n)))
         self.d1_tc = np.zeros(n)  # d1 * tpot_corr: TPOT added by one more sequence
         self.late = np.zeros(n, dtype=bool)  # min_slack < 0: the tightest resident is late
         self._all = np.ones(n, dtype=bool)  # every slot (read-only): a decision's first mask
@@ -203,6 +202,7 @@ class FleetEstimator:
         self._unit_finish = True  # finish_corr is all ones (skip the multiply)
         self._live_version = 0  # bumped whenever last_seen, alive or draining change
         self._usable: tuple[int, float, int, np.ndarray] | None = None
+        self._kv_caps: dict[float, np.ndarray] = {}  # kv_cap(share), until a capacity changes
 
     # ---------------------------------------------------------------- membership
     def __len__(self) -> int:
@@ -278,6 +278,7 @@ class FleetEstimator:
         self._all.flags.writeable = False
         self._bind_coef(np.hstack([self._coef, np.zeros((len(_COEF_ROWS), 1))]))
         self._live_version += 1
+        self._kv_caps.clear()
         self._refresh(slot)
         return slot
 
@@ -285,6 +286,7 @@ class FleetEstimator:
         """Adopt a coefficient matrix; its rows become the named per-instance vectors."""
         self._coef = np.ascontiguousarray(coef, dtype=float)
         self.q_cache, self.pbc, self.pfc, self.pqc, self.d_cache, self.k_ctx = self._coef
+        self._prefill_coef = self._coef[1:4]  # pbc, pfc, pqc
 
     def all_slots(self) -> np.ndarray:
         """A read-only mask of every slot (the candidates a decision starts from)."""
@@ -295,6 +297,16 @@ class FleetEstimator:
         return self.index[instance_id]
 
     # ---------------------------------------------------------------- model
+    def kv_cap(self, share: float) -> np.ndarray:
+        """``share`` of every instance's KV cache, in tokens (read-only). Kept until a cache
+        size changes, which only a heartbeat does: not recomputed per decision."""
+        cap = self._kv_caps.get(share)
+        if cap is None:
+            cap = self.kv_total * share
+            cap.flags.writeable = False
+            self._kv_caps[share] = cap
+        return cap
+
     def batch_context(self) -> np.ndarray:
         """KV tokens the running batch attends to: the reported KV in use, at most the cache."""
         return np.minimum(self.hb_kv_used, self.kv_total)
@@ -318,7 +330,7 @@ class FleetEstimator:
         if isinstance(tokens, np.ndarray) or isinstance(cached, np.ndarray):
             return self.pbc + self.pfc * tokens + self.pqc * (tokens * (2.0 * cached + tokens))
         n = float(tokens)
-        return np.array([1.0, n, n * (2.0 * float(cached) + n)]) @ self._coef[1:4]
+        return np.array([1.0, n, n * (2.0 * float(cached) + n)]) @ self._prefill_coef
 
     def own_context_tpot(self, input_tokens: float, output_tokens: float) -> np.ndarray:
         """What a request's own KV adds to every instance's TPOT (mean context while decoding)."""
@@ -425,6 +437,17 @@ class FleetEstimator:
     def _refresh(self, i: int) -> None:
         """Recompute the request-independent queueing delay and TPOT of one instance, and the
         products of its model and corrections that every decision multiplies by."""
+        self._refresh_load(i)
+        tcorr = self.tpot_corr.item(i)
+        pc = self.prefill_corr.item(i)
+        self.d1_tc[i] = self.d1.item(i) * tcorr
+        self.pbc[i] = self.pb.item(i) * pc
+        self.pfc[i] = self.pf.item(i) * pc
+        self.pqc[i] = self.pq.item(i) * pc
+
+    def _refresh_load(self, i: int) -> None:
+        """The part of ``_refresh`` that an assignment changes (its load and prefill stall,
+        not the model's corrections): the commit of a decision refreshes only this."""
         n = self.n_active.item(i)
         active = max(n, self.hb_running.item(i) + self.hb_waiting.item(i))
         mean_ctx = self.ctx_tokens.item(i) / n if n > 0 else 1024.0
@@ -448,11 +471,7 @@ class FleetEstimator:
         self.q_cache[i] = self.queue_s.item(i) + wait + pre
         self.d_cache[i] = (d0 + d1 * min(after, lim) + dc * kv) * tc
         self.k_ctx[i] = dc * tcorr * st
-        self.d1_tc[i] = d1 * tcorr
         self.late[i] = self.min_slack.item(i) < 0.0
-        self.pbc[i] = pb * pc
-        self.pfc[i] = self.pf.item(i) * pc
-        self.pqc[i] = self.pq.item(i) * pc
 
     def _decay_busy(self, i: int, now: float) -> None:
         """Let the recent prefill work of instance i age to ``now``."""
@@ -467,7 +486,8 @@ class FleetEstimator:
             self._refresh(i)
 
     def usable(self, now: float) -> np.ndarray:
-        """Instances that may take work: alive, heartbeat fresh, not draining (read-only).
+        """Instances that may take work: alive, heartbeat fresh, not draining (read-only;
+        ``all_slots()`` itself when that is every instance).
 
         Cached between heartbeats: the mask only changes when one arrives (or an instance is
         marked dead) or when the freshest-stale instance, the usable one seen longest ago,
@@ -485,6 +505,8 @@ class FleetEstimator:
             fresh = fresh | ~seen & self.alive
         mask = self.alive & fresh & ~self.draining
         mask.flags.writeable = False
+        if mask.all():
+            mask = self._all  # the very mask of every slot: filters then skip their masking
         # the usable instance with the oldest heartbeat is the first to go stale
         timed_ok = mask & timed & seen
         j = int(np.argmin(np.where(timed_ok, self.last_seen, np.inf))) if timed_ok.any() else -1
@@ -557,7 +579,7 @@ class FleetEstimator:
         if slack < self.min_slack.item(i):
             self.min_slack[i] = slack
             self.rem_at_min[i] = rem
-        self._refresh(i)
+        self._refresh_load(i)
 
     def _slack(self, tr: TrackedRequest, i: int, now: float) -> float:
         """Deadline minus estimated finish of a tracked request (scalar math: hot path)."""
@@ -656,7 +678,10 @@ class FleetEstimator:
         if hb.max_batch:
             self.max_batch[i] = hb.max_batch
         if hb.kv_total_blocks:
-            self.kv_total[i] = hb.kv_total_blocks * hb.kv_block_size
+            total = hb.kv_total_blocks * hb.kv_block_size
+            if total != self.kv_total.item(i):
+                self.kv_total[i] = total
+                self._kv_caps.clear()
             self.hb_kv_used[i] = hb.kv_used_blocks * hb.kv_block_size
         else:
             # no KV gauges (e.g. an HTTP backend): our requests' KV, a typical context for others

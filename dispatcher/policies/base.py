@@ -68,7 +68,14 @@ class RouteContext:
         """Plan on another quantile of the predicted length (p50 | p90 | p99)."""
         if not quantile or quantile == self.quantile:
             return
-        planned = {"p50": self.p50, "p90": self.p90, "p99": self.p99 or self.p90}[quantile]
+        if quantile == "p50":
+            planned = self.p50
+        elif quantile == "p90":
+            planned = self.p90
+        elif quantile == "p99":
+            planned = self.p99 or self.p90
+        else:
+            raise KeyError(quantile)
         if self.max_tokens:
             planned = min(planned, float(self.max_tokens))
         self.planned_tokens = max(planned, 1.0)
@@ -112,8 +119,9 @@ class Filter(Protocol):
 
 
 class Scorer(Protocol):
-    """Scores in [0, 1] per instance, or None when it has nothing to say on this request
-    (the same as all zeros, without the vector)."""
+    """Scores in [0, 1] per instance, exactly 0 outside the mask, or None when it has nothing
+    to say on this request (the same as all zeros, without the vector). The zeros let the
+    picker skip masking the sum when the best score is positive (``argmax_seeded_ties``)."""
 
     name: str
 
@@ -122,6 +130,8 @@ class Scorer(Protocol):
 
 class Picker(Protocol):
     name: str
+    stateful: bool
+    """Whether ``state()`` can be other than empty (the router records it per decision)."""
 
     def pick(self, ctx: RouteContext, scores: np.ndarray, mask: np.ndarray) -> int: ...
 
@@ -171,16 +181,24 @@ def make_picker(name: str, config: PolicyConfig) -> Picker:
     return _PICKERS[name](config)
 
 
+def none_left(mask: np.ndarray) -> bool:
+    """Whether a mask is empty (an arg-reduction: a fifth of ``not mask.any()``'s cost)."""
+    return mask.size == 0 or not mask[mask.argmax()]
+
+
 def normalize_low_is_good(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Map values to [0, 1] over the candidates, 1 for the lowest (llm-d's scorer range)."""
-    cand = values[mask]
+    cand = values.compress(mask)
     if cand.size == 0:
         return np.zeros_like(values)
-    lo, hi = cand.min(), cand.max()
+    # arg-reductions cost a fifth of min()/max() on a few hundred values; same values
+    lo, hi = cand[cand.argmin()], cand[cand.argmax()]
     span = hi - lo
     if not math.isfinite(span) or span <= 0:
         return mask.astype(float)
-    return np.where(mask, (hi - values) / span, 0.0)
+    out = np.zeros(values.shape)
+    out[mask] = (hi - cand) / span  # only the candidates' values: fewer, cheaper operations
+    return out
 
 
 def argmax_random_ties(scores: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
@@ -194,9 +212,17 @@ def argmax_random_ties(scores: np.ndarray, mask: np.ndarray, rng: random.Random)
 
 
 def argmax_seeded_ties(scores: np.ndarray, mask: np.ndarray, seed: int) -> int:
-    """Like argmax_random_ties, the tie drawn from the decision's hashed seed (no RNG object)."""
-    s = np.where(mask, scores, -np.inf)
+    """Like argmax_random_ties, the tie drawn from the decision's hashed seed (no RNG object).
+
+    Scorers give 0 outside the mask, so when the best score overall is a candidate's and
+    positive, no other instance comes within the tie tolerance of it: the scores need no
+    masking (the same pick, one vector operation fewer).
+    """
+    s = scores
     best = int(s.argmax())
+    if not (mask[best] and s[best] > 1e-12):
+        s = np.where(mask, scores, -np.inf)
+        best = int(s.argmax())
     near = s >= s[best] - 1e-12
     if np.count_nonzero(near) == 1:
         return best  # the usual case: one best, no tie list to build
@@ -232,6 +258,10 @@ class Policy:
         self.picker = make_picker(spec.picker, self.config)
         self.fallback = fallback
         self.migrate = spec.migrate
+        self._how = f"{self.name}: {spec.picker}"
+        self._stateful: bool = bool(getattr(self.picker, "stateful", True)) or (
+            fallback is not None and fallback._stateful
+        )
 
     def select(self, ctx: RouteContext) -> tuple[int | None, np.ndarray, np.ndarray, str]:
         """Choose an instance: (slot or None, eligible mask, scores, how it was chosen)."""
@@ -244,9 +274,9 @@ class Policy:
         for f in self.filters:
             mask = f(ctx, mask)
             masks.append(mask)
-        if not mask.any():
+        if none_left(mask):
             emptied = next(
-                (f.name for f, m in zip(self.filters, masks, strict=True) if not m.any()),
+                (f.name for f, m in zip(self.filters, masks, strict=True) if none_left(m)),
                 "no instance",
             )
             if self.fallback is not None:
@@ -263,9 +293,11 @@ class Policy:
         if scores is None:
             scores = np.zeros(ctx.n)
         slot = self.picker.pick(ctx, scores, mask)
-        return slot, mask, scores, f"{self.name}: {self.spec.picker}"
+        return slot, mask, scores, self._how
 
     def state(self) -> dict[str, int]:
+        if not self._stateful:
+            return {}  # no picker down the fallback chain keeps state
         st = self.picker.state()
         if self.fallback is not None:
             st.update({f"fallback.{k}": v for k, v in self.fallback.state().items()})

@@ -29,7 +29,8 @@ class Usable:
     name: str = "usable"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
-        return mask & ctx.est.usable(ctx.now)
+        usable = ctx.est.usable(ctx.now)
+        return usable if mask is ctx.est.all_slots() else mask & usable
 
 
 @dataclass(slots=True)
@@ -54,7 +55,8 @@ class KvHeadroom:
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
         need = ctx.input_tokens + ctx.planned_tokens
-        return mask & (ctx.est.hb_kv_used + need <= ctx.est.kv_total * self.limit)
+        fits = ctx.est.hb_kv_used + need <= ctx.est.kv_cap(self.limit)
+        return np.logical_and(mask, fits, out=fits)
 
 
 @dataclass(slots=True)
@@ -86,9 +88,14 @@ class ProtectsResidents:
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
         est = ctx.est
-        per_token = est.d1_tc + est.own_context_tpot(ctx.input_tokens, ctx.planned_tokens)
-        delay = per_token * np.minimum(est.rem_at_min, ctx.planned_tokens) + ctx.prefill
-        return mask & ((est.min_slack >= delay) | est.late)
+        # delay = (d1_tc + own context TPOT) * min(rem_at_min, planned) + prefill, in place
+        delay = est.own_context_tpot(ctx.input_tokens, ctx.planned_tokens)
+        delay += est.d1_tc
+        delay *= np.minimum(est.rem_at_min, ctx.planned_tokens)
+        delay += ctx.prefill
+        ok = est.min_slack >= delay
+        ok |= est.late
+        return np.logical_and(mask, ok, out=ok)
 
 
 @dataclass(slots=True)
@@ -117,7 +124,7 @@ class WithinReach:
     name: str = "within-reach"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
-        if not np.isfinite(self.factor):
+        if not math.isfinite(self.factor):
             return mask
         if ctx.p50 > 0.0 and ctx.p90 > self.max_spread * ctx.p50:
             return mask  # too unsure of the length to call it hopeless
@@ -125,14 +132,17 @@ class WithinReach:
         est = ctx.est
         idle_tpot = (est.d0 + est.d1) * est.tpot_corr
         busy = (q > self.min_queue_s) | (d > self.busy_tpot_ratio * idle_tpot)
-        if not busy[mask].all():
+        # busy >= mask: busy, or not a candidate; one False is a candidate with capacity
+        ok = busy >= mask
+        if ok.size and not ok[ok.argmin()]:
             return mask  # some instance has spare capacity: no load to shed, serve it
         finish = ctx.finish
         if 0.0 < ctx.p50 < ctx.p90:
             short = max(ctx.p50 * ctx.p50 / ctx.p90, 1.0)
             if short < ctx.planned_tokens:
-                finish = est.estimate(ctx.input_tokens, short, ctx.cached)[3]
-        return mask & (finish <= self.factor * ctx.deadline_in)
+                finish = est.finish_time(ctx.input_tokens, short, ctx.cached)
+        reach = finish <= self.factor * ctx.deadline_in
+        return np.logical_and(mask, reach, out=reach)
 
 
 @register_filter("within-reach")
@@ -204,10 +214,11 @@ class NearBest:
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
         f = ctx.finish
-        cand = f[mask]
+        whole = mask is ctx.est.all_slots()  # every instance usable: no masking to do
+        cand = f if whole else f.compress(mask)
         if not cand.size:
             return mask
-        best = float(cand.min())
+        best = float(cand[cand.argmin()])
         bound = math.inf
         if self.keep_slack is not None and math.isfinite(ctx.deadline_in):
             bound = ctx.deadline_in - self.keep_slack * max(ctx.deadline_in - best, 0.0)
@@ -215,7 +226,8 @@ class NearBest:
             bound = min(bound, (1.0 + self.trust_region) * best)
         if not math.isfinite(bound):
             return mask
-        return mask & (f <= max(bound, best))
+        near = f <= max(bound, best)
+        return near if whole else np.logical_and(mask, near, out=near)
 
 
 @register_filter("near-best")
@@ -339,6 +351,7 @@ class MaxScore:
     """The highest score; ties at random."""
 
     name = "max-score"
+    stateful = False
 
     def pick(self, ctx: RouteContext, scores: np.ndarray, mask: np.ndarray) -> int:
         return argmax_seeded_ties(scores, mask, ctx.seed)
@@ -354,6 +367,7 @@ class RandomPick:
     """Uniformly at random among the candidates."""
 
     name = "random"
+    stateful = False
 
     def pick(self, ctx: RouteContext, scores: np.ndarray, mask: np.ndarray) -> int:
         idx = np.flatnonzero(mask)
@@ -370,6 +384,7 @@ class RoundRobin:
     """The next candidate after the last one chosen."""
 
     name = "round-robin"
+    stateful = True
 
     def __init__(self) -> None:
         self.cursor = -1
@@ -392,6 +407,7 @@ class PowerOfTwo:
     """Two candidates at random; the better-scoring one."""
 
     name = "power-of-two"
+    stateful = False
 
     def pick(self, ctx: RouteContext, scores: np.ndarray, mask: np.ndarray) -> int:
         idx = np.flatnonzero(mask)
