@@ -20,6 +20,7 @@ import numpy as np
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.policies.base import Policy, RouteContext
 from goodserve.dispatcher.policies.registry import make_policy
+from goodserve.dispatcher.predictor.model import PredictorInput
 from goodserve.dispatcher.prefix_index import PrefixIndex
 from goodserve.dispatcher.workflows import WorkflowTracker
 from goodserve.schemas import AgentRequest, Candidate, Decision
@@ -77,20 +78,20 @@ def deadline_of(req: AgentRequest, now: float, default_slo_s: float = DEFAULT_SL
 
 @dataclass(slots=True)
 class RouteOutcome:
-    """The result of one decision; ``record()`` builds its audit record on demand."""
+    """The result of one decision; ``record()`` builds its audit record on demand.
+
+    What the decision looked at (time, prompt length, predictions, seed, the length it
+    planned on) is read from its context rather than copied: a decision builds no more
+    than it must.
+    """
 
     request: AgentRequest
-    decision_id: str
+    number: int
+    """The router's count of decisions when this one was made (in ``decision_id``)."""
     instance_id: str | None
     slot: int | None
-    now: float
     deadline: float
-    input_tokens: int
-    planned_tokens: float
-    p50: float
-    p90: float
     features: list[float]
-    seed: int
     how: str
     policy: Policy
     predictor_version: str
@@ -99,6 +100,35 @@ class RouteOutcome:
     ctx: RouteContext
     mask: np.ndarray
     scores: np.ndarray
+
+    @property
+    def decision_id(self) -> str:
+        return f"{self.request.request_id}#{self.number}"
+
+    @property
+    def now(self) -> float:
+        return self.ctx.now
+
+    @property
+    def input_tokens(self) -> int:
+        return self.ctx.input_tokens
+
+    @property
+    def planned_tokens(self) -> float:
+        """The length the decision planned on (the quantile of the policy that chose)."""
+        return self.ctx.planned_tokens
+
+    @property
+    def p50(self) -> float:
+        return self.ctx.p50
+
+    @property
+    def p90(self) -> float:
+        return self.ctx.p90
+
+    @property
+    def seed(self) -> int:
+        return self.ctx.seed
 
     def record(self, top_k: int | None = None) -> Decision:
         """The audit record (candidates: all instances, or the best ``top_k`` by score)."""
@@ -279,17 +309,11 @@ class Router:
         instance_id = self.est.infos[slot].instance_id if slot is not None else None
         out = RouteOutcome(
             request=req,
-            decision_id=f"{req.request_id}#{self.counter}",
+            number=self.counter,
             instance_id=instance_id,
             slot=slot,
-            now=now,
             deadline=deadline,
-            input_tokens=n_in,
-            planned_tokens=planned,
-            p50=p50,
-            p90=p90,
             features=feats,
-            seed=seed,
             how=how,
             policy=self.policy,
             predictor_version=self.predictor.version,
@@ -327,10 +351,10 @@ class Router:
 
     def deadline_for(self, req: AgentRequest, now: float, input_tokens: int, p50: float) -> float:
         """The call's deadline: its own, and within its share of the workflow's time left."""
-        has_own = req.deadline is not None or req.slo_s is not None
         own = deadline_of(req, now, self.default_slo_s)
         if req.workflow_deadline is None or req.workflow_id is None:
             return own
+        has_own = req.deadline is not None or req.slo_s is not None
         _, _, _, finish = self.est.estimate(input_tokens, p50)
         usable = self.est.usable(now)
         est_s = float(finish[usable].min()) if usable.any() else float(finish.min(initial=1.0))
@@ -365,8 +389,6 @@ class Router:
 
 def to_predictor_input(req: AgentRequest, input_tokens: int) -> Any:
     """The predictor's view of a request (never its true output length)."""
-    from goodserve.dispatcher.predictor.model import PredictorInput
-
     return PredictorInput.from_request(req, input_tokens)
 
 
