@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar, cast
@@ -76,6 +76,10 @@ class TypedConsumer(Generic[M]):
     shared ``DeadLetterSink`` to reuse a service's producer. Without a ``group_id`` the
     consumer reads every partition and ``commit`` is a no-op (tools, tails, replays).
 
+    ``on_revoke(partitions)``: awaited when the group takes partitions away, before their
+    state is forgotten: the place to finish and commit work from them (Kafka's
+    ``onPartitionsRevoked``), so that the next owner starts where this one stopped.
+
     ``fetch_max_wait_ms`` / ``fetch_min_bytes`` (Kafka's fetch.max.wait.ms / fetch.min.bytes):
     the defaults (500 ms, 1 byte) answer a fetch as soon as one record is there, which is
     what a latency-critical hop wants. A consumer off the critical path at high rates
@@ -101,6 +105,7 @@ class TypedConsumer(Generic[M]):
         heartbeat_interval_ms: int | None = None,
         fetch_max_wait_ms: int = 500,
         fetch_min_bytes: int = 1,
+        on_revoke: Callable[[frozenset[tuple[str, int]]], Awaitable[None]] | None = None,
     ) -> None:
         if not service:
             raise ConfigError("service must name the consuming component")
@@ -152,6 +157,7 @@ class TypedConsumer(Generic[M]):
         self._drained.set()
         self._closing = False
         self.dead_lettered = 0
+        self._on_revoke = on_revoke
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -241,7 +247,9 @@ class TypedConsumer(Generic[M]):
         limit = max_records or self.max_poll_records
         out: list[Envelope[M]] = []
         if not self._buffer and not self._closing:
-            self._buffer.extend(await self._fetch(timeout_ms or self.poll_timeout_ms, limit))
+            # fetch first, then look _buffer up: a rebalance during the fetch filters it
+            records = await self._fetch(timeout_ms or self.poll_timeout_ms, limit)
+            self._buffer.extend(records)
         while self._buffer and len(out) < limit:
             env = await self._take_next()
             if env is not None:
@@ -385,14 +393,23 @@ class TypedConsumer(Generic[M]):
             self._drained.set()
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Before partitions move: commit safe dead-letter floors, forget their state."""
+        """Before partitions move: let the owner finish and commit what it handed out
+        (``on_revoke``), commit safe dead-letter floors, forget their state."""
+        if self._on_revoke is not None and revoked:
+            try:
+                await self._on_revoke(frozenset((tp.topic, tp.partition) for tp in revoked))
+            except Exception:  # the group must move on; the next owner re-reads the rest
+                log.exception("consumer.on_revoke_failed", service=self.service)
         try:
             await self._flush_floors()
         except TransportError as e:
             log.warning("consumer.commit_on_revoke_failed", error=str(e))
-        self._buffer = deque(
-            r for r in self._buffer if TopicPartition(r.topic, r.partition) not in revoked
-        )
+        # in place: a poll in progress appends what it fetched for the new assignment to
+        # this very deque (rebinding it here once lost those records: never handed out,
+        # their offsets passed by the next commit)
+        kept = [r for r in self._buffer if TopicPartition(r.topic, r.partition) not in revoked]
+        self._buffer.clear()
+        self._buffer.extend(kept)
         for tp in revoked:
             self._last_yielded.pop(tp, None)
             self._committed.pop(tp, None)
@@ -417,6 +434,13 @@ class TypedConsumer(Generic[M]):
                 else:
                     consumer.seek(tp, off)
         log.warning("consumer.rewound", service=self.service)
+
+    def assigned(self) -> frozenset[tuple[str, int]]:
+        """The (topic, partition)s this consumer owns now (none before start)."""
+        c = self._consumer
+        if c is None:
+            return frozenset()
+        return frozenset((tp.topic, tp.partition) for tp in c.assignment())
 
     def committed_offsets(self) -> dict[tuple[str, int], int]:
         """What this consumer committed so far ((topic, partition) -> next offset)."""
