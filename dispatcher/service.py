@@ -265,6 +265,12 @@ class DispatcherService:
         self._blackout_until = 0.0
         self._producer: TypedProducer | None = None
         self._inflight: deque[_InFlight] = deque()
+        self._batch_lock = asyncio.Lock()
+        """Held while a poll is routed and while batches settle: a rebalance waits for it."""
+        self._revocation_seq = 0
+        self._revocations: deque[tuple[int, frozenset[tuple[str, int]]]] = deque(maxlen=64)
+        """Partitions taken away by each rebalance (the last 64, numbered): a poll's records
+        from partitions revoked after the poll returned are not routed."""
         """Routed batches whose records are enqueued, oldest first, not yet committed."""
         self.max_inflight_batches = max_inflight_batches
         self._commit_targets: dict[tuple[str, int], Envelope[AgentRequest]] = {}
@@ -311,6 +317,7 @@ class DispatcherService:
             settings=s,
             topics=[s.requests_topic],
             group_id=self.group_id,
+            on_revoke=self._on_requests_revoked,
             service="dispatcher",
             message_type=AgentRequest,
             dead_letters=sink,
@@ -406,15 +413,27 @@ class DispatcherService:
             try:
                 if len(self.held) >= self.max_held:
                     await asyncio.sleep(0.05)  # backpressure: stop consuming until work drains
-                    await self._retry_held()
+                    async with self._batch_lock:
+                        await self._retry_held()
                     continue
                 # batches in flight: poll briefly, so that their commits follow their acks
                 wait_ms = 5 if self._inflight else 50
                 envs = await self._requests.getmany(timeout_ms=wait_ms, max_records=self.batch_size)
-                if envs:
-                    self._inflight.append(await self._route_batch(envs))
-                await self._settle_batches(block=len(self._inflight) > self.max_inflight_batches)
-                await self._retry_held()
+                polled_at = self._revocation_seq  # no await since the poll returned
+                async with self._batch_lock:  # a rebalance waits for what is routed to settle
+                    if self._revocation_seq > polled_at:
+                        # taken away before we could route them: the next owner (this
+                        # replica too, if the group gives them back) reads them again
+                        gone = frozenset().union(
+                            *(r for n, r in self._revocations if n > polled_at)
+                        )
+                        envs = [e for e in envs if (e.topic, e.partition) not in gone]
+                    if envs:
+                        self._inflight.append(await self._route_batch(envs))
+                    await self._settle_batches(
+                        block=len(self._inflight) > self.max_inflight_batches
+                    )
+                    await self._retry_held()
             except asyncio.CancelledError:
                 raise
             except GoodServeError as e:
@@ -424,15 +443,40 @@ class DispatcherService:
                 log.exception("dispatcher.request_loop_crash")
                 await asyncio.sleep(0.5)
         try:  # stopping: what was routed is acknowledged and committed before the loop ends
-            await self._settle_batches(drain=True)
+            async with self._batch_lock:
+                await self._settle_batches(drain=True)
         except GoodServeError as e:
             log.warning("dispatcher.final_settle_failed", error=str(e))
+
+    async def _on_requests_revoked(self, revoked: frozenset[tuple[str, int]]) -> None:
+        """The group takes partitions away: settle and commit everything routed so far, so
+        the next owner starts right after it (nothing routed twice), and leave the held
+        requests of those partitions to it (no commit ever passed them)."""
+        self._revocation_seq += 1
+        self._revocations.append((self._revocation_seq, revoked))
+        async with self._batch_lock:
+            try:
+                await self._settle_batches(drain=True)
+            except GoodServeError as e:  # abandoned and rewound: the next owner redoes it
+                log.warning("dispatcher.settle_on_revoke_failed", error=str(e))
+            gone = [h for h in self.held if (h[0].topic, h[0].partition) in revoked]
+            if gone:
+                for h, _ in gone:
+                    self.seen.discard(h.msg.request_id)
+                self.held = deque(h for h in self.held
+                                  if (h[0].topic, h[0].partition) not in revoked)
+                self.stats.held_now = len(self.held)
+            for k in revoked:
+                self._commit_targets.pop(k, None)
+        log.info("dispatcher.partitions_revoked", partitions=sorted(p for _, p in revoked),
+                 held_released=len(gone))
 
     async def handle_batch(self, envs: list[Envelope[AgentRequest]]) -> None:
         """Route a batch, wait for its records (and those of batches before it) to be
         acknowledged, then commit it."""
-        self._inflight.append(await self._route_batch(envs))
-        await self._settle_batches(drain=True)
+        async with self._batch_lock:
+            self._inflight.append(await self._route_batch(envs))
+            await self._settle_batches(drain=True)
 
     async def _route_batch(self, envs: list[Envelope[AgentRequest]]) -> _InFlight:
         """Route a batch and enqueue its records; the batch in flight, to settle later.
@@ -521,7 +565,10 @@ class DispatcherService:
                 await self._requests.commit(targets)
             except GoodServeError as e:  # kept for the next commit; a crash re-delivers
                 log.warning("dispatcher.commit_failed", error_code=e.code, error=str(e))
+                mine = self._requests.assigned()  # a partition gone is its next owner's
                 for t in targets:
+                    if (t.topic, t.partition) not in mine:
+                        continue
                     k = (t.topic, t.partition)
                     cur = self._commit_targets.get(k)
                     if cur is None or t.offset > cur.offset:
