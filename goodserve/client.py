@@ -92,8 +92,10 @@ class GoodServeClient:
         if self._reader is not None:
             return
         await ensure_topics(self.settings, [self.settings.requests_topic, self.results_topic])
+        # linger 0: an agent waits on every request; records enqueued while a produce is in
+        # flight still leave together, so batching under load is kept
         producer = TypedProducer(
-            settings=self.settings, client_id=f"{self.settings.client_id}-client"
+            settings=self.settings, client_id=f"{self.settings.client_id}-client", linger_ms=0
         )
         consumer: TypedConsumer[Result] = TypedConsumer(
             settings=self.settings,
