@@ -72,7 +72,12 @@ class MeetsDeadline:
     name: str = "meets-deadline"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
-        return mask & (ctx.finish <= (ctx.deadline_in - self.abs_s) / (1.0 + self.rel))
+        limit = (ctx.deadline_in - self.abs_s) / (1.0 + self.rel)
+        if limit >= ctx.finish_cap:
+            return mask  # every candidate left already finishes by then (near-best)
+        ctx.finish_cap = min(ctx.finish_cap, limit)
+        meets = ctx.finish <= limit
+        return np.logical_and(mask, meets, out=meets)
 
 
 @dataclass(slots=True)
@@ -226,7 +231,9 @@ class NearBest:
             bound = min(bound, (1.0 + self.trust_region) * best)
         if not math.isfinite(bound):
             return mask
-        near = f <= max(bound, best)
+        limit = max(bound, best)
+        ctx.finish_cap = min(ctx.finish_cap, limit)
+        near = f <= limit
         return near if whole else np.logical_and(mask, near, out=near)
 
 
