@@ -452,10 +452,11 @@ class FleetEstimator:
         self.pfc[i] = self.pf.item(i) * pc
         self.pqc[i] = self.pq.item(i) * pc
 
-    def _refresh_load(self, i: int) -> None:
+    def _refresh_load(self, i: int, batch_state: tuple[float, float, float] | None = None) -> None:
         """The part of ``_refresh`` that an assignment changes (its load and prefill stall,
-        not the model's corrections): the commit of a decision refreshes only this."""
-        n, active, lim = self._batch_state(i)
+        not the model's corrections): the commit of a decision refreshes only this.
+        ``batch_state``: ``_batch_state(i)`` if the caller has it."""
+        n, active, lim = self._batch_state(i) if batch_state is None else batch_state
         after = active + 1.0
         tcorr = self.tpot_corr.item(i)
         st = self.stretch.item(i)
@@ -569,6 +570,7 @@ class FleetEstimator:
         old = self.requests.get(request_id)
         if old is not None:
             self._forget(old)
+        # positional (its field order): a call with keywords costs twice as much
         tr = TrackedRequest(
             request_id,
             i,
@@ -576,13 +578,14 @@ class FleetEstimator:
             planned_tokens,
             deadline,
             now,
-            generated=generated,
-            p50=p50,
-            p90=p90,
-            cached_tokens=cached_tokens,
-            ctx=float(input_tokens + (generated if generated > planned_tokens else planned_tokens)),
-            est_fixed_s=est_fixed_s,
-            est_tpot_s=est_tpot_s,
+            generated,
+            False,  # started
+            p50,
+            p90,
+            cached_tokens,
+            float(input_tokens + (generated if generated > planned_tokens else planned_tokens)),
+            est_fixed_s,
+            est_tpot_s,
         )
         self.requests[request_id] = tr
         self.infos[i].requests[request_id] = tr
@@ -599,17 +602,25 @@ class FleetEstimator:
             work = self._model_prefill(i, new_tokens, input_tokens + generated - new_tokens)
             work *= self.prefill_corr.item(i)
             self._set_busy(i, self._busy_now(i, now) + work / self.busy_window_s, now)
-        slack = self._slack(tr, i, now)
+        batch_state = self._batch_state(i)
+        slack = self._slack(tr, i, now, batch_state)
         if slack < self.min_slack.item(i):
             self.min_slack[i] = slack
             self.rem_at_min[i] = rem
-        self._refresh_load(i)
+        self._refresh_load(i, batch_state)
 
-    def _slack(self, tr: TrackedRequest, i: int, now: float) -> float:
-        """Deadline minus estimated finish of a tracked request (scalar math: hot path)."""
+    def _slack(
+        self,
+        tr: TrackedRequest,
+        i: int,
+        now: float,
+        batch_state: tuple[float, float, float] | None = None,
+    ) -> float:
+        """Deadline minus estimated finish of a tracked request (scalar math: hot path).
+        ``batch_state``: ``_batch_state(i)`` if the caller has it."""
         rem = tr.planned_tokens - tr.generated
         rem = 1.0 if 1.0 > rem else rem  # max(rem, 1.0)
-        _, active, lim = self._batch_state(i)
+        _, active, lim = self._batch_state(i) if batch_state is None else batch_state
         batch = lim if lim < active else active  # min(active, max_batch, KV-limited batch)
         t = self._model_tpot(i, batch) * self.tpot_corr.item(i) * self.stretch.item(i) * rem
         if not tr.started:
