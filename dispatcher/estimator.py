@@ -200,7 +200,9 @@ class FleetEstimator:
         #   k_ctx: dc * tpot_corr * stretch, the TPOT per KV token of the request itself.
         self._bind_coef(np.zeros((len(_COEF_ROWS), n)))
         self.d1_tc = np.zeros(n)  # d1 * tpot_corr: TPOT added by one more sequence
-        self.late = np.zeros(n, dtype=bool)  # min_slack < 0: the tightest resident is late
+        # min_slack, or inf where the tightest resident is already late (nothing to protect
+        # there): what protects-residents compares a newcomer's delay with, in one operation
+        self.guard_slack = np.full(n, math.inf)
         self._all = np.ones(n, dtype=bool)  # every slot (read-only): a decision's first mask
         self._all.flags.writeable = False
         self._unit_finish = True  # finish_corr is all ones (skip the multiply)
@@ -277,7 +279,7 @@ class FleetEstimator:
             setattr(self, name, grow(getattr(self, name), 0.0))
         self.min_slack = grow(self.min_slack, math.inf)
         self.d1_tc = grow(self.d1_tc, 0.0)
-        self.late = grow(self.late, False)
+        self.guard_slack = grow(self.guard_slack, math.inf)
         self._all = np.ones(slot + 1, dtype=bool)
         self._all.flags.writeable = False
         self._bind_coef(np.hstack([self._coef, np.zeros((len(_COEF_ROWS), 1))]))
@@ -478,7 +480,8 @@ class FleetEstimator:
         self.q_cache[i] = self.queue_s.item(i) + wait + pre
         self.d_cache[i] = (d0 + d1 * (lim if lim < after else after) + dc * kv) * tc
         self.k_ctx[i] = dc * tcorr * st
-        self.late[i] = self.min_slack.item(i) < 0.0
+        ms = self.min_slack.item(i)
+        self.guard_slack[i] = math.inf if ms < 0.0 else ms
 
     def _batch_state(self, i: int) -> tuple[float, float, float]:
         """(tracked requests, requests on it, how many run at once: max_batch or fewer when
@@ -890,7 +893,7 @@ class FleetEstimator:
         est.ctx_tokens = col("ctx_tokens")
         est.finish_corr = col("finish_corr")
         est.d1_tc = np.zeros(n)
-        est.late = np.zeros(n, dtype=bool)
+        est.guard_slack = np.full(n, math.inf)
         est._all = np.ones(n, dtype=bool)
         est._all.flags.writeable = False
         est._bind_coef(np.zeros((len(_COEF_ROWS), n)))

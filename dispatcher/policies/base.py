@@ -197,7 +197,7 @@ def normalize_low_is_good(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     if cand.size == 0:
         return np.zeros_like(values)
     # arg-reductions cost a fifth of min()/max() on a few hundred values; same values
-    lo, hi = cand[cand.argmin()], cand[cand.argmax()]
+    lo, hi = cand.item(cand.argmin()), cand.item(cand.argmax())
     span = hi - lo
     if not math.isfinite(span) or span <= 0:
         return mask.astype(float)
@@ -225,10 +225,10 @@ def argmax_seeded_ties(scores: np.ndarray, mask: np.ndarray, seed: int) -> int:
     """
     s = scores
     best = int(s.argmax())
-    if not (mask[best] and s[best] > 1e-12):
+    if not (mask.item(best) and s.item(best) > 1e-12):
         s = np.where(mask, scores, -np.inf)
         best = int(s.argmax())
-    near = s >= s[best] - 1e-12
+    near = s >= s.item(best) - 1e-12
     if np.count_nonzero(near) == 1:
         return best  # the usual case: one best, no tie list to build
     ties = np.flatnonzero(near)

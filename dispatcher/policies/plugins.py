@@ -98,8 +98,7 @@ class ProtectsResidents:
         delay += est.d1_tc
         delay *= np.minimum(est.rem_at_min, ctx.planned_tokens)
         delay += ctx.prefill
-        ok = est.min_slack >= delay
-        ok |= est.late
+        ok = est.guard_slack >= delay  # (min_slack >= delay) | late, in one operation
         return np.logical_and(mask, ok, out=ok)
 
 
@@ -223,7 +222,7 @@ class NearBest:
         cand = f if whole else f.compress(mask)
         if not cand.size:
             return mask
-        best = float(cand[cand.argmin()])
+        best = cand.item(cand.argmin())
         bound = math.inf
         if self.keep_slack is not None and math.isfinite(ctx.deadline_in):
             bound = ctx.deadline_in - self.keep_slack * max(ctx.deadline_in - best, 0.0)
