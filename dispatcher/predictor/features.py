@@ -38,6 +38,7 @@ MAX_WORDS = 128
 CHAR_CHARS = 400
 """Character n-grams look at the first this many characters (lower-cased, spaces collapsed)."""
 CHAR_NGRAMS = (3, 4, 5)
+"""The n-gram lengths of ``char_ids`` (fixed in its code; recorded in the metadata)."""
 TEXT_SPACE_BITS = 16
 TEXT_SPACE = 1 << TEXT_SPACE_BITS
 """Hash space of the word and character n-gram text models (``text_*_score``)."""
@@ -319,32 +320,26 @@ def ngram_ids(prompt: str | None) -> tuple[list[float], np.ndarray]:
 _K = np.uint64(0x100000001B3)  # FNV-style multiplier for the rolling byte hash
 _GOLD = np.uint64(0x9E3779B97F4A7C15)
 _SHIFT = np.uint64(64 - TEXT_SPACE_BITS)
-_SALT = {k: np.uint64(0x51ED27 * k + 0x1F) for k in CHAR_NGRAMS}
 
 
 def char_ids(prompt: str | None) -> np.ndarray:
     """Hashed character 3/4/5-gram ids of the prompt's first ``CHAR_CHARS`` characters.
 
     The text is lower-cased with runs of whitespace collapsed to one space and padded with
-    a space at each end; the hash is a polynomial over the UTF-8 bytes (numpy, uint64
+    a space at each end; each n-gram's hash is a polynomial over its UTF-8 bytes (uint64
     arithmetic wraps), multiplicatively mixed into ``[0, TEXT_SPACE)``.
     """
     if not prompt:
         return _NO_IDS
     s = " " + " ".join(prompt[:CHAR_CHARS].lower().split()) + " "
     b = np.frombuffer(s.encode("utf-8", "ignore"), dtype=np.uint8).astype(np.uint64)
-    if b.size < CHAR_NGRAMS[0]:
+    if b.size < 3:
         return _NO_IDS
-    parts = []
-    h = b[:-2] * _K + b[1:-1]
-    h = h * _K + b[2:]
-    for k in CHAR_NGRAMS:
-        if k > CHAR_NGRAMS[0]:
-            if h.size < 2:
-                break
-            h = h[:-1] * _K + b[k - 1 :]
-        parts.append(((h ^ _SALT[k]) * _GOLD) >> _SHIFT)
-    return np.concatenate(parts).astype(np.intp)
+    h3 = (b[:-2] * _K + b[1:-1]) * _K + b[2:]
+    h4 = h3[:-1] * _K + b[3:]
+    h5 = h4[:-1] * _K + b[4:]
+    out: np.ndarray = ((np.concatenate((h3, h4, h5)) * _GOLD) >> _SHIFT).astype(np.intp)
+    return out
 
 
 class TextModel:
@@ -358,7 +353,7 @@ class TextModel:
     ``wi = w * idf`` and ``idf2 = idf^2``.
     """
 
-    __slots__ = ("char_idf2", "char_wi", "word_idf2", "word_wi")
+    __slots__ = ("idf2", "stack", "wi")
 
     def __init__(
         self,
@@ -376,10 +371,13 @@ class TextModel:
                 raise ValueError(f"text model idf must have {TEXT_SPACE} entries")
         wi = np.asarray(word_idf, np.float64)
         ci = np.asarray(char_idf, np.float64)
-        self.word_wi = np.asarray(word_w, np.float64) * wi
-        self.char_wi = np.asarray(char_w, np.float64) * ci
-        self.word_idf2 = wi * wi
-        self.char_idf2 = ci * ci
+        # word ids index [0, TEXT_SPACE), char ids [TEXT_SPACE, 2 TEXT_SPACE): one gather
+        self.wi = np.concatenate(
+            (np.asarray(word_w, np.float64) * wi, np.asarray(char_w, np.float64) * ci), axis=1
+        )
+        self.idf2 = np.concatenate((wi * wi, ci * ci))
+        # per task: rows (w * idf, idf^2), so one gather serves numerator and denominator
+        self.stack = np.stack([np.stack((row, self.idf2)) for row in self.wi])
 
     @classmethod
     def zeros(cls) -> TextModel:
@@ -388,16 +386,23 @@ class TextModel:
         return cls(z, z, one, one)
 
     def scores(self, task_row: int, wids: np.ndarray, cids: np.ndarray) -> list[float]:
-        out = [0.0, 0.0]
-        if wids.size:
-            out[0] = float(self.word_wi[task_row].take(wids).sum()) / math.sqrt(
-                float(self.word_idf2.take(wids).sum())
-            )
-        if cids.size:
-            out[1] = float(self.char_wi[task_row].take(cids).sum()) / math.sqrt(
-                float(self.char_idf2.take(cids).sum())
-            )
-        return out
+        """[word score, char score] of a prompt's ids for one task's model."""
+        nw, nc = wids.size, cids.size
+        if not nw or not nc:  # no words means no characters either, but be safe
+            out = [0.0, 0.0]
+            if nw:
+                out[0] = float(self.wi[task_row].take(wids).sum()) / math.sqrt(
+                    float(self.idf2.take(wids).sum()))
+            if nc:
+                c = cids + TEXT_SPACE
+                out[1] = float(self.wi[task_row].take(c).sum()) / math.sqrt(
+                    float(self.idf2.take(c).sum()))
+            return out
+        ids = np.concatenate((wids, cids + TEXT_SPACE))
+        (wn, cn), (wd, cd) = np.add.reduceat(
+            self.stack[task_row].take(ids, axis=1), (0, nw), axis=1
+        ).tolist()
+        return [wn / math.sqrt(wd), cn / math.sqrt(cd)]
 
 
 _TM_ROW = {t: i for i, t in enumerate(TEXT_MODEL_TASKS)}
