@@ -104,8 +104,8 @@ FIRST_WORDS: tuple[bytes, ...] = tuple(
 _FIRST_INDEX = {w: i for i, w in enumerate(FIRST_WORDS)}
 _KS_OF: dict[bytes, list[int]] = {}
 for _i, (_, _set) in enumerate(_KEYSETS):
-    for _w in _set:
-        _KS_OF.setdefault(_w, []).append(_i)
+    for _bw in _set:
+        _KS_OF.setdefault(_bw, []).append(_i)
 _KS_WORDS = frozenset(_KS_OF)
 
 # "500 words", "3-4 paragraphs", "10 examples": a requested size, in words or in items.
