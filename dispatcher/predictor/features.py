@@ -3,13 +3,17 @@
 The feature vector is a fixed layout of floats (``FEATURE_NAMES``); it is recorded in every
 routing decision, so its layout is versioned (``FEATURE_VERSION``) and stored in the model
 metadata. Extraction is cheap on purpose (the router calls it once per request): text
-features look only at the first ``TEXT_CHARS`` characters, hashing uses CRC32 (stable
-across processes, unlike ``hash()``), and counting is done by C-level ``str.count`` and
-``numpy.bincount``.
+features look only at the first ``TEXT_CHARS`` characters (character n-grams at the first
+``CHAR_CHARS``), hashing uses CRC32 for words and a numpy polynomial hash for character
+n-grams (both stable across processes, unlike ``hash()``), and counting is done by C-level
+``bytes.count`` / ``translate`` and one set intersection per prompt.
 
+Learnt parts, shipped with the model and never updated online: :class:`TextModel` (per-task
+TF-IDF ridge scores of word and character n-grams) and the per-(task, model) prior table.
 History features come from :class:`History`, the online state that
 ``OutputLengthPredictor.observe`` updates with actual output lengths: an EMA of
-log1p(output tokens) per (task, workflow) and per (task, step), plus counts.
+log1p(output tokens) per (task, workflow) and per (task, step), plus counts. A row with no
+history at all has ``BLANK_HISTORY``.
 """
 
 from __future__ import annotations
