@@ -56,6 +56,10 @@ def perf_model_for(gpu: str, model: str) -> PerfModel:
             return PerfModel(gpu, "llama-2-7b")
 
 
+# The scalar paths that every decision takes (its commit, the refresh of one instance) spell
+# min/max of two numbers as conditional expressions, each exactly what the builtin returns
+# (``max(a, b)`` is ``b if b > a else a``) at a quarter of its call cost.
+
 # EMA weight of a new observation.
 DEFAULT_ALPHA = 0.3
 # Time constant (s) of the prefill work recently sent to an instance (see prefill_busy).
@@ -196,7 +200,9 @@ class FleetEstimator:
         #   k_ctx: dc * tpot_corr * stretch, the TPOT per KV token of the request itself.
         self._bind_coef(np.zeros((len(_COEF_ROWS), n)))
         self.d1_tc = np.zeros(n)  # d1 * tpot_corr: TPOT added by one more sequence
-        self.late = np.zeros(n, dtype=bool)  # min_slack < 0: the tightest resident is late
+        # min_slack, or inf where the tightest resident is already late (nothing to protect
+        # there): what protects-residents compares a newcomer's delay with, in one operation
+        self.guard_slack = np.full(n, math.inf)
         self._all = np.ones(n, dtype=bool)  # every slot (read-only): a decision's first mask
         self._all.flags.writeable = False
         self._unit_finish = True  # finish_corr is all ones (skip the multiply)
@@ -273,7 +279,7 @@ class FleetEstimator:
             setattr(self, name, grow(getattr(self, name), 0.0))
         self.min_slack = grow(self.min_slack, math.inf)
         self.d1_tc = grow(self.d1_tc, 0.0)
-        self.late = grow(self.late, False)
+        self.guard_slack = grow(self.guard_slack, math.inf)
         self._all = np.ones(slot + 1, dtype=bool)
         self._all.flags.writeable = False
         self._bind_coef(np.hstack([self._coef, np.zeros((len(_COEF_ROWS), 1))]))
@@ -338,7 +344,8 @@ class FleetEstimator:
 
     def _model_tpot(self, i: int, batch: float) -> float:
         """``tpot`` of one instance before its corrections (scalar: the update paths)."""
-        ctx = min(self.hb_kv_used.item(i), self.kv_total.item(i))
+        used, total = self.hb_kv_used.item(i), self.kv_total.item(i)
+        ctx = total if total < used else used  # min(used, total)
         return self.d0.item(i) + self.d1.item(i) * batch + self.dc.item(i) * ctx
 
     def _model_prefill(self, i: int, tokens: float, cached: float = 0.0) -> float:
@@ -353,7 +360,7 @@ class FleetEstimator:
         """Record instance i's prefill share at ``now`` and the TPOT stretch it implies."""
         self.prefill_busy[i] = busy
         self.busy_at[i] = now
-        self.stretch[i] = 1.0 / (1.0 - min(busy, _MAX_BUSY))
+        self.stretch[i] = 1.0 / (1.0 - (_MAX_BUSY if _MAX_BUSY < busy else busy))
 
     def active(self) -> np.ndarray:
         """Requests on each instance: heartbeat counts or our own tracking, whichever is larger."""
@@ -396,7 +403,8 @@ class FleetEstimator:
     ) -> tuple[float, float, float]:
         """(queue, prefill, tpot) of a new request on instance i alone (scalar math: the
         commit of a decision needs one instance's estimates, not the fleet's)."""
-        n = max(input_tokens - cached, 1.0)
+        n = input_tokens - cached
+        n = 1.0 if 1.0 > n else n  # max(n, 1.0)
         p = self.pbc.item(i) + self.pfc.item(i) * n + self.pqc.item(i) * (n * (2.0 * cached + n))
         d = self.d_cache.item(i) + self.k_ctx.item(i) * (input_tokens + 0.5 * output_tokens)
         return self.q_cache.item(i), p, d
@@ -426,7 +434,8 @@ class FleetEstimator:
             finish = self.q_cache + p + self.tpot_with(input_tokens, output_tokens) * output_tokens
         else:
             c = float(cached)
-            m = max(input_tokens - c, 1.0)
+            m = input_tokens - c
+            m = 1.0 if 1.0 > m else m  # max(m, 1.0)
             lo = float(output_tokens)
             w = np.array([1.0, 1.0, m, m * (2.0 * c + m), lo, lo * (input_tokens + 0.5 * lo)])
             finish = w @ self._coef
@@ -445,23 +454,23 @@ class FleetEstimator:
         self.pfc[i] = self.pf.item(i) * pc
         self.pqc[i] = self.pq.item(i) * pc
 
-    def _refresh_load(self, i: int) -> None:
+    def _refresh_load(self, i: int, batch_state: tuple[float, float, float] | None = None) -> None:
         """The part of ``_refresh`` that an assignment changes (its load and prefill stall,
-        not the model's corrections): the commit of a decision refreshes only this."""
-        n = self.n_active.item(i)
-        active = max(n, self.hb_running.item(i) + self.hb_waiting.item(i))
-        mean_ctx = self.ctx_tokens.item(i) / n if n > 0 else 1024.0
-        lim = min(max(self.kv_total.item(i) / max(mean_ctx, 1.0), 1.0), self.max_batch.item(i))
+        not the model's corrections): the commit of a decision refreshes only this.
+        ``batch_state``: ``_batch_state(i)`` if the caller has it."""
+        n, active, lim = self._batch_state(i) if batch_state is None else batch_state
         after = active + 1.0
         tcorr = self.tpot_corr.item(i)
         st = self.stretch.item(i)
         tc = tcorr * st
         d0, d1, dc = self.d0.item(i), self.d1.item(i), self.dc.item(i)
-        kv = min(self.hb_kv_used.item(i), self.kv_total.item(i))
+        used, total = self.hb_kv_used.item(i), self.kv_total.item(i)
+        kv = total if total < used else used  # min(used, total)
+        over = after - lim
         wait = (
-            max(after - lim, 0.0)
+            (0.0 if 0.0 > over else over)  # max(over, 0.0)
             / lim
-            * (self.rem_tokens.item(i) / max(n, 1.0))
+            * (self.rem_tokens.item(i) / (1.0 if 1.0 > n else n))  # max(n, 1.0)
             * ((d0 + d1 * lim + dc * kv) * tc)
         )
         pend = self.pending_prefill.item(i)
@@ -469,15 +478,33 @@ class FleetEstimator:
         pc = self.prefill_corr.item(i)
         pre = (pb + self.pf.item(i) * pend) * pc - (pb if pend > 0 else 0.0)
         self.q_cache[i] = self.queue_s.item(i) + wait + pre
-        self.d_cache[i] = (d0 + d1 * min(after, lim) + dc * kv) * tc
+        self.d_cache[i] = (d0 + d1 * (lim if lim < after else after) + dc * kv) * tc
         self.k_ctx[i] = dc * tcorr * st
-        self.late[i] = self.min_slack.item(i) < 0.0
+        ms = self.min_slack.item(i)
+        self.guard_slack[i] = math.inf if ms < 0.0 else ms
+
+    def _batch_state(self, i: int) -> tuple[float, float, float]:
+        """(tracked requests, requests on it, how many run at once: max_batch or fewer when
+        their KV fills the cache) of instance i: ``active()`` and ``batch_limit()``, scalar."""
+        n = self.n_active.item(i)
+        hb = self.hb_running.item(i) + self.hb_waiting.item(i)
+        active = hb if hb > n else n  # max(n, hb)
+        mean_ctx = self.ctx_tokens.item(i) / n if n > 0 else 1024.0
+        fit = self.kv_total.item(i) / (1.0 if 1.0 > mean_ctx else mean_ctx)
+        fit = 1.0 if 1.0 > fit else fit  # max(fit, 1.0)
+        cap = self.max_batch.item(i)
+        return n, active, (cap if cap < fit else fit)  # min(fit, max_batch)
 
     def _decay_busy(self, i: int, now: float) -> None:
         """Let the recent prefill work of instance i age to ``now``."""
+        if now - self.busy_at.item(i) > 0:
+            self._set_busy(i, self._busy_now(i, now), now)
+
+    def _busy_now(self, i: int, now: float) -> float:
+        """Instance i's prefill share aged to ``now`` (not recorded)."""
         dt = now - self.busy_at.item(i)
-        if dt > 0:
-            self._set_busy(i, self.prefill_busy.item(i) * math.exp(-dt / self.busy_window_s), now)
+        busy = self.prefill_busy.item(i)
+        return busy * math.exp(-dt / self.busy_window_s) if dt > 0 else busy
 
     def refresh_all(self) -> None:
         self._unit_finish = bool(np.all(self.finish_corr == 1.0))
@@ -546,6 +573,7 @@ class FleetEstimator:
         old = self.requests.get(request_id)
         if old is not None:
             self._forget(old)
+        # positional (its field order): a call with keywords costs twice as much
         tr = TrackedRequest(
             request_id,
             i,
@@ -553,43 +581,50 @@ class FleetEstimator:
             planned_tokens,
             deadline,
             now,
-            generated=generated,
-            p50=p50,
-            p90=p90,
-            cached_tokens=cached_tokens,
-            ctx=float(input_tokens + max(planned_tokens, generated)),
-            est_fixed_s=est_fixed_s,
-            est_tpot_s=est_tpot_s,
+            generated,
+            False,  # started
+            p50,
+            p90,
+            cached_tokens,
+            float(input_tokens + (generated if generated > planned_tokens else planned_tokens)),
+            est_fixed_s,
+            est_tpot_s,
         )
         self.requests[request_id] = tr
         self.infos[i].requests[request_id] = tr
-        rem = max(planned_tokens - generated, 1.0)
+        rem = planned_tokens - generated
+        rem = 1.0 if 1.0 > rem else rem  # max(rem, 1.0)
         self.n_active[i] = self.n_active.item(i) + 1.0
         self.ctx_tokens[i] = self.ctx_tokens.item(i) + tr.ctx
         self.rem_tokens[i] = self.rem_tokens.item(i) + rem
-        new_tokens = max(input_tokens + generated - cached_tokens, 0)
+        new_tokens = input_tokens + generated - cached_tokens
+        new_tokens = 0 if 0 > new_tokens else new_tokens  # max(new_tokens, 0)
         self.pending_prefill[i] = self.pending_prefill.item(i) + new_tokens
         self.hb_kv_used[i] = self.hb_kv_used.item(i) + (input_tokens + generated)
         if new_tokens:
-            self._decay_busy(i, now)
             work = self._model_prefill(i, new_tokens, input_tokens + generated - new_tokens)
             work *= self.prefill_corr.item(i)
-            self._set_busy(i, self.prefill_busy.item(i) + work / self.busy_window_s, now)
-        slack = self._slack(tr, i, now)
+            self._set_busy(i, self._busy_now(i, now) + work / self.busy_window_s, now)
+        batch_state = self._batch_state(i)
+        slack = self._slack(tr, i, now, batch_state)
         if slack < self.min_slack.item(i):
             self.min_slack[i] = slack
             self.rem_at_min[i] = rem
-        self._refresh_load(i)
+        self._refresh_load(i, batch_state)
 
-    def _slack(self, tr: TrackedRequest, i: int, now: float) -> float:
-        """Deadline minus estimated finish of a tracked request (scalar math: hot path)."""
-        rem = max(tr.planned_tokens - tr.generated, 1.0)
-        n = self.n_active.item(i)
-        active = max(n, self.hb_running.item(i) + self.hb_waiting.item(i))
-        mean_ctx = self.ctx_tokens.item(i) / n if n > 0 else 1024.0
-        batch = min(
-            active, self.max_batch.item(i), max(self.kv_total.item(i) / max(mean_ctx, 1.0), 1.0)
-        )
+    def _slack(
+        self,
+        tr: TrackedRequest,
+        i: int,
+        now: float,
+        batch_state: tuple[float, float, float] | None = None,
+    ) -> float:
+        """Deadline minus estimated finish of a tracked request (scalar math: hot path).
+        ``batch_state``: ``_batch_state(i)`` if the caller has it."""
+        rem = tr.planned_tokens - tr.generated
+        rem = 1.0 if 1.0 > rem else rem  # max(rem, 1.0)
+        _, active, lim = self._batch_state(i) if batch_state is None else batch_state
+        batch = lim if lim < active else active  # min(active, max_batch, KV-limited batch)
         t = self._model_tpot(i, batch) * self.tpot_corr.item(i) * self.stretch.item(i) * rem
         if not tr.started:
             t += self._model_prefill(i, tr.input_tokens) * self.prefill_corr.item(i)
@@ -858,7 +893,7 @@ class FleetEstimator:
         est.ctx_tokens = col("ctx_tokens")
         est.finish_corr = col("finish_corr")
         est.d1_tc = np.zeros(n)
-        est.late = np.zeros(n, dtype=bool)
+        est.guard_slack = np.full(n, math.inf)
         est._all = np.ones(n, dtype=bool)
         est._all.flags.writeable = False
         est._bind_coef(np.zeros((len(_COEF_ROWS), n)))

@@ -48,6 +48,10 @@ class RouteContext:
     sticky: int | None = None
     """Slot this request's workflow last went to (session affinity), if any."""
     config: PolicyConfig = field(default_factory=dict)
+    finish_cap: float = math.inf
+    """While a policy's filters run: every candidate left finishes by this (``finish``).
+    A filter that bounds the finish lowers it; a looser bound after it has nothing to
+    remove and returns the mask as it is, without comparing the fleet again."""
     _estimates: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
     _finish: np.ndarray | None = None
     _prefill: np.ndarray | None = None
@@ -81,6 +85,7 @@ class RouteContext:
         self.planned_tokens = max(planned, 1.0)
         self.quantile = quantile
         self._estimates = self._finish = None
+        self.finish_cap = math.inf
 
     def estimates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(queue, prefill, tpot, finish) per instance, computed once per decision."""
@@ -192,12 +197,12 @@ def normalize_low_is_good(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     if cand.size == 0:
         return np.zeros_like(values)
     # arg-reductions cost a fifth of min()/max() on a few hundred values; same values
-    lo, hi = cand[cand.argmin()], cand[cand.argmax()]
+    lo, hi = cand.item(cand.argmin()), cand.item(cand.argmax())
     span = hi - lo
     if not math.isfinite(span) or span <= 0:
         return mask.astype(float)
     out = np.zeros(values.shape)
-    out[mask] = (hi - cand) / span  # only the candidates' values: fewer, cheaper operations
+    np.place(out, mask, (hi - cand) / span)  # only the candidates' values: fewer, cheaper ops
     return out
 
 
@@ -220,10 +225,10 @@ def argmax_seeded_ties(scores: np.ndarray, mask: np.ndarray, seed: int) -> int:
     """
     s = scores
     best = int(s.argmax())
-    if not (mask[best] and s[best] > 1e-12):
+    if not (mask.item(best) and s.item(best) > 1e-12):
         s = np.where(mask, scores, -np.inf)
         best = int(s.argmax())
-    near = s >= s[best] - 1e-12
+    near = s >= s.item(best) - 1e-12
     if np.count_nonzero(near) == 1:
         return best  # the usual case: one best, no tie list to build
     ties = np.flatnonzero(near)
@@ -271,9 +276,11 @@ class Policy:
         # Filters take an empty mask in their stride (an empty mask stays empty), so the
         # chain is checked once at its end; only then is the filter that emptied it named.
         masks = []
+        ctx.finish_cap = math.inf
         for f in self.filters:
             mask = f(ctx, mask)
             masks.append(mask)
+        ctx.finish_cap = math.inf  # it describes this chain's masks only
         if none_left(mask):
             emptied = next(
                 (f.name for f, m in zip(self.filters, masks, strict=True) if none_left(m)),

@@ -72,7 +72,12 @@ class MeetsDeadline:
     name: str = "meets-deadline"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
-        return mask & (ctx.finish <= (ctx.deadline_in - self.abs_s) / (1.0 + self.rel))
+        limit = (ctx.deadline_in - self.abs_s) / (1.0 + self.rel)
+        if limit >= ctx.finish_cap:
+            return mask  # every candidate left already finishes by then (near-best)
+        ctx.finish_cap = min(ctx.finish_cap, limit)
+        meets = ctx.finish <= limit
+        return np.logical_and(mask, meets, out=meets)
 
 
 @dataclass(slots=True)
@@ -93,8 +98,7 @@ class ProtectsResidents:
         delay += est.d1_tc
         delay *= np.minimum(est.rem_at_min, ctx.planned_tokens)
         delay += ctx.prefill
-        ok = est.min_slack >= delay
-        ok |= est.late
+        ok = est.guard_slack >= delay  # (min_slack >= delay) | late, in one operation
         return np.logical_and(mask, ok, out=ok)
 
 
@@ -218,7 +222,7 @@ class NearBest:
         cand = f if whole else f.compress(mask)
         if not cand.size:
             return mask
-        best = float(cand[cand.argmin()])
+        best = cand.item(cand.argmin())
         bound = math.inf
         if self.keep_slack is not None and math.isfinite(ctx.deadline_in):
             bound = ctx.deadline_in - self.keep_slack * max(ctx.deadline_in - best, 0.0)
@@ -226,7 +230,9 @@ class NearBest:
             bound = min(bound, (1.0 + self.trust_region) * best)
         if not math.isfinite(bound):
             return mask
-        near = f <= max(bound, best)
+        limit = max(bound, best)
+        ctx.finish_cap = min(ctx.finish_cap, limit)
+        near = f <= limit
         return near if whole else np.logical_and(mask, near, out=near)
 
 

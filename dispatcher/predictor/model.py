@@ -19,6 +19,7 @@ import abc
 import functools
 import gzip
 import hashlib
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -37,6 +38,9 @@ QUANTILES = (0.5, 0.9, 0.99)
 MODEL_FILE = "model.json.gz"
 """XGBoost's JSON model format, gzip-compressed (``xgboost`` can load the unzipped JSON)."""
 NGRAM_FILE = "ngram_weights.json.gz"
+"""Version 1's text weights (no longer written; removed by ``train``)."""
+TEXT_MODEL_FILE = "text_model.npz"
+"""Per-task word and character n-gram ridge weights and IDF (float16, numpy ``savez``)."""
 META_FILE = "metadata.json"
 _Z90 = NormalDist().inv_cdf(0.9)
 _Z99 = NormalDist().inv_cdf(0.99)
@@ -332,7 +336,7 @@ class OutputLengthPredictor(_Base):
         meta: dict[str, Any],
         *,
         version: str,
-        ngram_weights: np.ndarray | None = None,
+        text_model: F.TextModel | None = None,
         online_calibration: bool = True,
         hint_weight: float | None = None,
     ) -> None:
@@ -350,14 +354,18 @@ class OutputLengthPredictor(_Base):
         self._forest = forest
         if self._forest.n_features and self._forest.n_features != F.N_FEATURES:
             raise ValueError(f"model has {self._forest.n_features} features, need {F.N_FEATURES}")
-        # Conformal corrections (log1p space) per task bucket, shape (n_tasks, 3).
-        off = np.zeros((len(F.TASKS), len(QUANTILES)), dtype=np.float64)
-        for t, vals in (meta.get("conformal_offsets") or {}).items():
-            if t in F.TASK_INDEX:
-                off[F.TASK_INDEX[t]] = vals
+        # Conformal corrections (log1p space) per task bucket, shape (2 * n_tasks, 3):
+        # rows 0..n-1 for feature rows with online history, n..2n-1 for rows without.
+        n_t = len(F.TASKS)
+        off = np.zeros((2 * n_t, len(QUANTILES)), dtype=np.float64)
+        with_h = meta.get("conformal_offsets") or {}
+        for base, table in ((0, with_h), (n_t, meta.get("conformal_offsets_no_history") or with_h)):
+            for t, vals in table.items():
+                if t in F.TASK_INDEX:
+                    off[base + F.TASK_INDEX[t]] = vals
         self._task_offsets = off
         self.history = F.History()
-        self.featurizer = F.Featurizer(ngram_weights)
+        self.featurizer = F.Featurizer(text_model, meta.get("model_prior"))
         self.online_calibration = online_calibration
         self.hint_weight = float(
             meta.get("hint_weight", 1.0) if hint_weight is None else hint_weight
@@ -370,9 +378,9 @@ class OutputLengthPredictor(_Base):
 
     @classmethod
     def load(cls, path: str | Path, **kwargs: Any) -> OutputLengthPredictor:
-        """Load a model directory (model.json.gz, ngram_weights.json.gz, metadata.json)."""
-        booster_json, meta, weights, version = _read_dir(Path(path))
-        return cls(booster_json, meta, version=version, ngram_weights=weights, **kwargs)
+        """Load a model directory (model.json.gz, text_model.npz, metadata.json)."""
+        booster_json, meta, text_model, version = _read_dir(Path(path))
+        return cls(booster_json, meta, version=version, text_model=text_model, **kwargs)
 
     @classmethod
     def default(cls) -> OutputLengthPredictor:
@@ -381,8 +389,8 @@ class OutputLengthPredictor(_Base):
         Each call returns a fresh predictor object (own online state) sharing the
         parsed model; use one instance per router.
         """
-        booster_json, meta, weights, version = _shipped()
-        return cls(booster_json, meta, version=version, ngram_weights=weights)
+        booster_json, meta, text_model, version = _shipped()
+        return cls(booster_json, meta, version=version, text_model=text_model)
 
     # -- features and prediction ---------------------------------------------------------
 
@@ -420,6 +428,8 @@ class OutputLengthPredictor(_Base):
                 raise ValueError(f"expected {F.N_FEATURES} features, got shape {row.shape}")
             onehot = list(feats[0][t0:t1])
             task = onehot.index(1.0) if 1.0 in onehot else len(F.TASKS) - 1
+            if not F.has_history(feats[0]):
+                task += len(F.TASKS)
             margins = [(self._forest.margin_row(row) + self._task_offsets[task]).tolist()]
         else:
             x = np.asarray(feats, dtype=np.float32)
@@ -427,6 +437,8 @@ class OutputLengthPredictor(_Base):
                 raise ValueError(f"expected rows of {F.N_FEATURES} features, got {x.shape}")
             oh = x[:, t0:t1]
             tasks = np.where(oh.max(axis=1) == 1.0, oh.argmax(axis=1), len(F.TASKS) - 1)
+            counts = x[:, [F.HISTORY_OFFSET + i for i in F.HISTORY_COUNT_COLS]]
+            tasks = tasks + np.where(counts.max(axis=1) > 0.0, 0, len(F.TASKS))
             margins = (self._forest.margin(x) + self._task_offsets[tasks]).tolist()
         out = []
         expm1 = math.expm1
@@ -498,8 +510,8 @@ def default_model_dir() -> Path:
     return Path(goodserve.__file__).resolve().parent / "data" / "predictor"
 
 
-def _read_dir(d: Path) -> tuple[dict[str, Any], dict[str, Any], np.ndarray | None, str]:
-    """Parse a model directory; the version hashes the model, metadata and n-gram files."""
+def _read_dir(d: Path) -> tuple[dict[str, Any], dict[str, Any], F.TextModel | None, str]:
+    """Parse a model directory; the version hashes the model, metadata and text model files."""
     if not d.is_dir():
         raise FileNotFoundError(f"not a predictor model directory: {d}")
     mpath = d / MODEL_FILE
@@ -509,32 +521,22 @@ def _read_dir(d: Path) -> tuple[dict[str, Any], dict[str, Any], np.ndarray | Non
     h = hashlib.sha256(raw)
     text = gzip.decompress(raw) if mpath.suffix == ".gz" else raw
     meta_raw = (d / META_FILE).read_bytes()
-    h.update(meta_raw)  # conformal offsets and hint weight change predictions too
+    h.update(meta_raw)  # conformal offsets, priors and hint weight change predictions too
     meta = json.loads(meta_raw)
-    weights = None
-    npath = d / NGRAM_FILE
-    if npath.exists():
-        nraw = npath.read_bytes()
-        h.update(nraw)
-        weights = ngram_weights_from_json(json.loads(gzip.decompress(nraw)))
-    return json.loads(text), meta, weights, "xgb-" + h.hexdigest()[:12]
-
-
-def ngram_weights_to_json(w: np.ndarray) -> dict[str, Any]:
-    """Sparse form of the n-gram weights (non-zero entries, 4 decimals)."""
-    r = np.round(np.asarray(w, dtype=np.float64), 4)
-    idx = np.flatnonzero(r)
-    return {"space": int(r.size), "idx": idx.tolist(), "w": r[idx].tolist()}
-
-
-def ngram_weights_from_json(obj: dict[str, Any]) -> np.ndarray:
-    w = np.zeros(int(obj["space"]), dtype=np.float64)
-    w[np.asarray(obj["idx"], dtype=np.intp)] = obj["w"]
-    return w
+    text_model = None
+    tpath = d / TEXT_MODEL_FILE
+    if tpath.exists():
+        traw = tpath.read_bytes()
+        h.update(traw)
+        with np.load(io.BytesIO(traw), allow_pickle=False) as z:
+            arrays = {k: np.asarray(z[k], dtype=np.float64) for k in z.files}
+        text_model = F.TextModel(arrays["word_w"], arrays["char_w"], arrays["word_idf"],
+                                 arrays["char_idf"])
+    return json.loads(text), meta, text_model, "xgb-" + h.hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=1)
-def _shipped() -> tuple[dict[str, Any], dict[str, Any], np.ndarray | None, str]:
+def _shipped() -> tuple[dict[str, Any], dict[str, Any], F.TextModel | None, str]:
     return _read_dir(default_model_dir())
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import math
 import time
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +31,11 @@ from goodserve.dispatcher.predictor.model import (
     MODEL_FILE,
     NGRAM_FILE,
     QUANTILES,
+    TEXT_MODEL_FILE,
     LengthPrediction,
     OutputLengthPredictor,
     PredictorInput,
     TaskMedianPredictor,
-    ngram_weights_to_json,
 )
 
 DEFAULT_PARAMS: dict[str, Any] = {
@@ -69,74 +71,96 @@ def featurize(
     featurizer: F.Featurizer | None = None,
     *,
     prompt_history: bool = True,
+    history: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Feature matrix (float32) and targets (tokens) with online history, in row order.
 
     ``prompt_history=False`` hides recurrences of identical prompts from the history
-    (a cold-start measurement: every prompt looks new).
+    (every prompt looks new); ``history=False`` gives every row an empty history (the
+    no-history case: a dispatcher that has seen nothing yet, or ``observe`` never called).
     """
     fz = featurizer or F.Featurizer()
     hist = F.History()
+    blank = list(F.BLANK_HISTORY)
     rows: list[list[float]] = []
     ys = np.empty(len(records), dtype=np.float64)
     for i, r in enumerate(records):
         x = to_input(r)
         hp = x.prompt if prompt_history else None
+        h = hist.features(x.task, x.workflow_id, x.step, x.model, hp) if history else blank
         rows.append(
             fz.extract(
                 input_tokens=x.input_tokens, task=x.task, model=x.model, prompt=x.prompt,
-                step=x.step,
-                history=hist.features(x.task, x.workflow_id, x.step, x.model, hp),
+                step=x.step, history=h,
             )
         )
         y = int(r["output_tokens"])
         ys[i] = y
-        hist.observe(x.task, x.workflow_id, x.step, y, x.model, hp)
+        if history:
+            hist.observe(x.task, x.workflow_id, x.step, y, x.model, hp)
     return np.asarray(rows, dtype=np.float32).reshape(len(records), F.N_FEATURES), ys
 
 
-_SCORE_COLS = [F.FEATURE_NAMES.index(n) for n in
-               ("ngram_score", "ngram_wmax", "ngram_wmin")]
-NGRAM_RIDGE = 3.0
-"""L2 penalty of the n-gram ridge regression."""
+_SCORE_COLS = [F.FEATURE_NAMES.index(n) for n in ("text_word_score", "text_char_score")]
+_PRIOR_COLS = [F.FEATURE_NAMES.index(n) for n in ("model_prior_offset", "model_prior_spread",
+                                                   "model_prior_log_n")]
+TEXT_RIDGE = 3.0
+"""L2 penalty of the text ridge regressions."""
 NGRAM_FOLDS = 5
 NGRAM_CG_ITERS = 60
+PRIOR_MIN_ROWS = 20
+"""A (task, model) pair needs this many training rows to get a model prior."""
+HISTORY_DROPOUT = 0.5
+DROPOUT_SEED = 7
+"""Fraction of training rows whose history block is blanked, so one model serves both
+the online case (with history) and the no-history case."""
 
 
-def _ngram_fit(ids: Sequence[np.ndarray], resid: np.ndarray) -> np.ndarray:
-    """Ridge regression of the residual on hashed n-gram counts / sqrt(n-grams in row).
+def _idf(ids: Sequence[np.ndarray]) -> np.ndarray:
+    """Smoothed inverse document frequency over the rows: log((1+N)/(1+df)) + 1."""
+    df = np.zeros(F.TEXT_SPACE)
+    for i in ids:
+        if i.size:
+            df[np.unique(i)] += 1.0
+    out: np.ndarray = np.log((1.0 + len(ids)) / (1.0 + df)) + 1.0
+    return out
+
+
+def _ridge(ids: Sequence[np.ndarray], target: np.ndarray, idf: np.ndarray) -> np.ndarray:
+    """Ridge regression of ``target`` on L2-normalised TF-IDF rows of hashed n-gram ids.
 
     Solved by conjugate gradients on (X'X + lambda I) w = X'r with X never materialised
     (bincount / reduceat over the concatenated ids), so it needs only numpy.
     """
+    w = np.zeros(F.TEXT_SPACE)
     lens = np.array([i.size for i in ids], dtype=np.intp)
     nz = lens > 0
-    allids = np.concatenate([i for i in ids if i.size]) if nz.any() else np.zeros(0, np.intp)
-    scale = np.zeros(len(ids))
-    scale[nz] = 1.0 / np.sqrt(lens[nz])
+    if not nz.any():
+        return w
+    allids = np.concatenate([i for i in ids if i.size])
+    vals = idf[allids]
     starts = np.concatenate(([0], np.cumsum(lens[nz])[:-1])).astype(np.intp)
-    rowscale = np.repeat(scale[nz], lens[nz])
+    scale = 1.0 / np.sqrt(np.add.reduceat(vals * vals, starts))
+    v = vals * np.repeat(scale, lens[nz])
+    tgt = target[nz]
 
-    def xv(v: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(ids))
-        if allids.size:
-            out[nz] = np.add.reduceat(v[allids] * rowscale, starts)
+    def xv(u: np.ndarray) -> np.ndarray:
+        out: np.ndarray = np.add.reduceat(u[allids] * v, starts)
         return out
 
     def xtr(r: np.ndarray) -> np.ndarray:
-        out: np.ndarray = np.bincount(allids, weights=np.repeat(r[nz] * scale[nz], lens[nz]),
-                                      minlength=F.NGRAM_SPACE)
+        out: np.ndarray = np.bincount(allids, weights=np.repeat(r, lens[nz]) * v,
+                                      minlength=F.TEXT_SPACE)
         return out
 
-    b = xtr(resid)
-    w = np.zeros(F.NGRAM_SPACE)
+    b = xtr(tgt)
     r = b.copy()
     p = r.copy()
     rs = float(r @ r)
     for _ in range(NGRAM_CG_ITERS):
-        if rs <= 0.0:  # no text (or nothing left to fit)
+        if rs <= 0.0:
             break
-        ap = xtr(xv(p)) + NGRAM_RIDGE * p
+        ap = xtr(xv(p)) + TEXT_RIDGE * p
         alpha = rs / float(p @ ap)
         w += alpha * p
         r -= alpha * ap
@@ -148,11 +172,75 @@ def _ngram_fit(ids: Sequence[np.ndarray], resid: np.ndarray) -> np.ndarray:
     return w
 
 
-def _ngram_scores(ids: Sequence[np.ndarray], w: np.ndarray) -> np.ndarray:
-    out = np.zeros((len(ids), 3), dtype=np.float32)
+def _score(ids: Sequence[np.ndarray], w: np.ndarray, idf: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(ids))
+    wi, idf2 = w * idf, idf * idf
     for j, i in enumerate(ids):
         if i.size:
-            out[j] = F.ngram_scores(i, w)
+            out[j] = float(wi.take(i).sum()) / math.sqrt(float(idf2.take(i).sum()))
+    return out
+
+
+def _fit_text_models(
+    fit_rows: Sequence[Record], folds: np.ndarray
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per-task word and char ridges on the fit rows; out-of-fold scores for those rows.
+
+    Returns the arrays of ``TEXT_MODEL_FILE`` (float16, as shipped) and the (n, 2) scores
+    the booster is trained on: each fit row scored by weights fitted without its fold, so
+    the scores are as noisy as on prompts never seen.
+    """
+    resid = _residuals(fit_rows)
+    tm_task = np.array([F.text_model_task(F.task_bucket(str(r.get("task")))) for r in fit_rows])
+    prompts = [r.get("prompt") for r in fit_rows]
+    kinds = {"word": [F.ngram_ids(p)[1] for p in prompts], "char": [F.char_ids(p) for p in prompts]}
+    arrays: dict[str, np.ndarray] = {}
+    oof = np.zeros((len(fit_rows), 2))
+    for col, (kind, ids) in enumerate(kinds.items()):
+        idf = _idf(ids).astype(np.float16)
+        idf64 = idf.astype(np.float64)
+        ws = np.zeros((len(F.TEXT_MODEL_TASKS), F.TEXT_SPACE), dtype=np.float16)
+        for ti, t in enumerate(F.TEXT_MODEL_TASKS):
+            m = tm_task == t
+            if not m.any():
+                continue
+            sub = [i for i, keep in zip(ids, m, strict=True) if keep]
+            ws[ti] = _ridge(sub, resid[m], idf64)
+            for k in range(NGRAM_FOLDS):
+                tr, te = m & (folds != k), m & (folds == k)
+                if not te.any():
+                    continue
+                wk = _ridge([i for i, keep in zip(ids, tr, strict=True) if keep], resid[tr],
+                            idf64)
+                oof[te, col] = _score([i for i, keep in zip(ids, te, strict=True) if keep], wk,
+                                      idf64)
+        arrays[f"{kind}_w"] = ws
+        arrays[f"{kind}_idf"] = idf
+    return arrays, oof
+
+
+def text_model_from_arrays(arrays: Mapping[str, np.ndarray]) -> F.TextModel:
+    f64 = {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
+    return F.TextModel(f64["word_w"], f64["char_w"], f64["word_idf"], f64["char_idf"])
+
+
+def _prior_table(rows: Sequence[Record]) -> dict[str, dict[str, list[float]]]:
+    """(task bucket, model) -> [mean log1p(y) minus the task mean, std, log1p(rows)]."""
+    by_task: dict[str, list[float]] = {}
+    by_pair: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        t = F.task_bucket(str(r.get("task")))
+        v = math.log1p(float(r["output_tokens"]))
+        by_task.setdefault(t, []).append(v)
+        m = str(r.get("model") or "default")
+        if m != "default":
+            by_pair.setdefault((t, m), []).append(v)
+    out: dict[str, dict[str, list[float]]] = {}
+    for (t, m), vs in sorted(by_pair.items()):
+        if len(vs) >= PRIOR_MIN_ROWS:
+            a = np.asarray(vs)
+            out.setdefault(t, {})[m] = [round(float(a.mean() - np.mean(by_task[t])), 6),
+                                        round(float(a.std()), 6), round(math.log1p(a.size), 6)]
     return out
 
 
@@ -209,7 +297,7 @@ def train(
     params: dict[str, Any] | None = None,
     min_calib_rows: int = 100,
 ) -> dict[str, Any]:
-    """Fit, calibrate and save a model (model.json + metadata.json) into ``out_dir``."""
+    """Fit, calibrate and save a model directory (model, text model, metadata)."""
     import xgboost as xgb
 
     t0 = time.perf_counter()
@@ -217,34 +305,51 @@ def train(
     fit_rows, cal_rows = parts["train"], parts["calib"]
     if not fit_rows or not cal_rows:
         raise ValueError("need rows in both the train and calib splits")
-    # Text model: n-gram weights from the fit rows; out-of-fold scores for the fit rows so
-    # the booster sees scores as noisy as on unseen prompts.
-    fit_ids = [F.ngram_ids(r.get("prompt"))[1] for r in fit_rows]
-    resid = _residuals(fit_rows)
-    weights = _ngram_fit(fit_ids, resid)
     folds = np.array([_fold(r) for r in fit_rows])
-    oof = np.zeros((len(fit_rows), 3), dtype=np.float32)
+    # Text models and model priors from the fit rows. The booster is trained on
+    # out-of-fold values for the fit rows, so they are as noisy as on unseen prompts.
+    arrays, oof = _fit_text_models(fit_rows, folds)
+    prior = _prior_table(fit_rows)
+    featurizer = F.Featurizer(text_model_from_arrays(arrays), prior)
+    x_fit, y_fit = featurize(fit_rows, featurizer)
+    x_fit[:, _SCORE_COLS] = oof
     for k in range(NGRAM_FOLDS):
         m = folds == k
-        wk = _ngram_fit([i for i, keep in zip(fit_ids, ~m, strict=True) if keep], resid[~m])
-        oof[m] = _ngram_scores([i for i, keep in zip(fit_ids, m, strict=True) if keep], wk)
-    x_fit, y_fit = featurize(fit_rows)
-    x_fit[:, _SCORE_COLS] = oof
-    x_cal, y_cal = featurize(cal_rows, F.Featurizer(weights))
+        fz = F.Featurizer(None, _prior_table([r for r, in_k in zip(fit_rows, m, strict=True)
+                                              if not in_k]))
+        x_fit[np.flatnonzero(m)[:, None], _PRIOR_COLS] = np.asarray(
+            [fz.prior_of(str(r.get("task") or "chat"), str(r.get("model") or "default"))
+             for r, keep in zip(fit_rows, m, strict=True) if keep], dtype=np.float32
+        ).reshape(-1, len(_PRIOR_COLS))
+    # History dropout: one model for both cases, with and without online history.
+    drop = np.random.default_rng(DROPOUT_SEED).random(len(fit_rows)) < HISTORY_DROPOUT
+    x_fit[np.flatnonzero(drop)[:, None], np.arange(F.HISTORY_OFFSET, F.N_FEATURES)] = \
+        np.asarray(F.BLANK_HISTORY, dtype=np.float32)
     p = dict(DEFAULT_PARAMS, **(params or {}))
     dtrain = xgb.DMatrix(x_fit, label=np.log1p(y_fit), feature_names=list(F.FEATURE_NAMES))
     booster = xgb.train(p, dtrain, num_boost_round=rounds)
-    cal_log = booster.inplace_predict(x_cal).reshape(len(cal_rows), len(QUANTILES))
-    offsets = _conformal(cal_log, np.log1p(y_cal), [str(r.get("task")) for r in cal_rows],
-                         min_calib_rows)
+    # Conformal P90/P99 corrections: rows with online history (calib featurized in
+    # arrival order) and rows without any (the same rows, history blanked).
+    cal_tasks = [str(r.get("task")) for r in cal_rows]
+    offsets: dict[str, dict[str, list[float]]] = {}
+    for name, hist in (("history", True), ("no_history", False)):
+        x_cal, y_cal = featurize(cal_rows, featurizer, history=hist)
+        keep = np.ones(len(cal_rows), dtype=bool) if not hist else np.array(
+            [F.has_history(row) for row in x_cal.tolist()], dtype=bool)
+        cal_log = booster.inplace_predict(x_cal[keep]).reshape(-1, len(QUANTILES))
+        offsets[name] = _conformal(cal_log, np.log1p(y_cal[keep]),
+                                   [t for t, k in zip(cal_tasks, keep, strict=True) if k],
+                                   min_calib_rows)
     train_s = time.perf_counter() - t0
 
     out_dir.mkdir(parents=True, exist_ok=True)
     booster.feature_names = None  # smaller JSON; names live in the metadata
     raw = booster.save_raw("json")
     (out_dir / MODEL_FILE).write_bytes(gzip.compress(bytes(raw), 9, mtime=0))
-    ngram_json = json.dumps(ngram_weights_to_json(weights), separators=(",", ":")).encode()
-    (out_dir / NGRAM_FILE).write_bytes(gzip.compress(ngram_json, 9, mtime=0))
+    (out_dir / TEXT_MODEL_FILE).write_bytes(_npz_bytes(arrays))
+    stale = out_dir / NGRAM_FILE  # version 1's text weights
+    if stale.exists():
+        stale.unlink()
     both = list(fit_rows) + list(cal_rows)
     baseline = TaskMedianPredictor.fit([str(r.get("task")) for r in both],
                                        [float(r["output_tokens"]) for r in both])
@@ -254,11 +359,16 @@ def train(
         "target": "log1p(output_tokens)",
         "quantiles": list(QUANTILES),
         "token_conversion": "tokens = ceil(chars / 4)",
-        "conformal_offsets": offsets,
+        "conformal_offsets": offsets["history"],
+        "conformal_offsets_no_history": offsets["no_history"],
+        "model_prior": prior,
         "hint_weight": 1.0,
         "baseline": baseline.to_json(),
         "params": {k: v for k, v in p.items()},
         "rounds": rounds,
+        "text_model": {"space": F.TEXT_SPACE, "ridge": TEXT_RIDGE,
+                       "tasks": list(F.TEXT_MODEL_TASKS), "char_ngrams": list(F.CHAR_NGRAMS)},
+        "history_dropout": HISTORY_DROPOUT,
         "rows": {"train": len(fit_rows), "calib": len(cal_rows),
                  "heldout_excluded": len(parts["heldout"])},
         "data_sha256": _records_sha(both),
@@ -268,6 +378,20 @@ def train(
     # Not in the file (keeps the shipped files byte-reproducible), but reported.
     meta["train_seconds"] = round(train_s, 2)
     return meta
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """``numpy.savez_compressed`` with fixed zip timestamps (byte-reproducible files)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            arr = io.BytesIO()
+            np.lib.format.write_array(arr, np.ascontiguousarray(arrays[name]),
+                                      allow_pickle=False)
+            zf.writestr(info, arr.getvalue(), compresslevel=9)
+    return buf.getvalue()
 
 
 def _records_sha(records: Sequence[Record]) -> str:
@@ -283,23 +407,28 @@ def evaluate(
     baseline: TaskMedianPredictor | None = None,
     *,
     prompt_history: bool = True,
+    history: bool = True,
 ) -> dict[str, Any]:
     """MAE of p50, P90/P99 coverage, and the per-task-median baseline's MAE.
 
-    History features are rebuilt online over ``records`` (predictor state is reset and
-    left as it was found: online recalibration is not applied, this measures the model).
+    ``history=True`` (online): history features are rebuilt online over ``records``, in
+    order (predict, then observe). ``history=False``: no row has any history (every
+    prompt, workflow and model is new to the dispatcher). The predictor's own online state
+    is not used (no online recalibration either: this measures the model).
     """
     if baseline is None:
         b = predictor.meta.get("baseline")
         baseline = TaskMedianPredictor(b["table"], b["overall"]) if b else \
             TaskMedianPredictor.fit([str(r.get("task")) for r in records],
                                     [float(r["output_tokens"]) for r in records])
-    x, y = featurize(records, predictor.featurizer, prompt_history=prompt_history)
+    x, y = featurize(records, predictor.featurizer, prompt_history=prompt_history,
+                     history=history)
     preds = predictor.predict_features(x.tolist()) if len(records) else []
     base = [baseline.predict(to_input(r)) for r in records]
     tasks = [str(r.get("task") or "chat") for r in records]
     metrics = _metrics(preds, base, y, tasks)
-    metrics["prompt_history"] = prompt_history
+    metrics["history"] = history
+    metrics["prompt_history"] = prompt_history and history
     metrics["model_version"] = predictor.version
     metrics["baseline_version"] = baseline.version
     return metrics

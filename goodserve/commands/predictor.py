@@ -2,8 +2,10 @@
 
 - ``prepare --out FILE``: the public data sets as one predictor data file (JSON Lines).
 - ``train [--data FILE ...] --out DIR``: fit + calibrate a model (public data if no --data).
-- ``eval [--data FILE] [--model DIR] [--json]``: MAE, baseline MAE, P90 coverage, per task.
-  Without --model: the shipped model; without --data: the held-out split of the public data.
+- ``eval [--data FILE] [--model DIR] [--history both|online|none] [--json]``: MAE, baseline
+  MAE, P90 coverage, per task, in two cases: online (history features rebuilt in arrival
+  order) and no history (every request is the first the dispatcher sees). Without --model:
+  the shipped model; without --data: the held-out split of the public data.
 - ``bench [--json]``: microseconds per prediction, single row and batched.
 """
 
@@ -49,8 +51,11 @@ def register(sub: Any) -> None:
     pe.add_argument("--model", type=Path, help="model directory (default: shipped model)")
     pe.add_argument("--split", choices=("all", "heldout"), default=None,
                     help="rows of --data to use (default all; public data: heldout)")
+    pe.add_argument("--history", choices=("both", "online", "none"), default="both",
+                    help="online: history rebuilt in arrival order; none: no history at all "
+                         "(every prompt, workflow and model new); both (default)")
     pe.add_argument("--cold-prompts", action="store_true",
-                    help="hide repeats of identical prompts from the history features")
+                    help="online case only: hide repeats of identical prompts from the history")
     pe.add_argument("--json", action="store_true")
     pe.set_defaults(func=_eval)
 
@@ -125,21 +130,32 @@ def _eval(args: argparse.Namespace) -> int:
         source = "public data, held-out split" if args.split != "all" else "public data, all"
     if not recs:
         raise SystemExit("no rows to evaluate")
-    m = train.evaluate(predictor, recs, prompt_history=not args.cold_prompts)
-    m["data"] = source
+    cases = {"both": ("online", "no_history"), "online": ("online",),
+             "none": ("no_history",)}[args.history]
+    results: dict[str, Any] = {}
+    for case in cases:
+        m = train.evaluate(predictor, recs, prompt_history=not args.cold_prompts,
+                           history=case == "online")
+        m["data"] = source
+        results[case] = m
     if args.json:
-        print(json.dumps(m, indent=1))
+        print(json.dumps(results if len(results) > 1 else results[cases[0]], indent=1))
         return 0
-    print(f"model {m['model_version']}  data: {source}  rows {m['n']}"
-          + ("  (cold prompts)" if args.cold_prompts else ""))
-    hdr = f"{'task':<8} {'n':>6} {'mae_tokens':>11} {'baseline_mae':>13} {'ratio':>6} "
-    print(hdr + f"{'p90_cov':>8} {'p99_cov':>8}")
-    rows = [*m["per_task"].items(), ("ALL", m)]
-    for t, b in rows:
-        print(f"{t:<8} {b['n']:>6} {b['mae_tokens']:>11.2f} {b['baseline_mae_tokens']:>13.2f} "
-              f"{b['mae_ratio']:>6.3f} {b['p90_coverage']:>8.3f} {b['p99_coverage']:>8.3f}")
-    print(f"mae_tokens {m['mae_tokens']}  baseline_mae_tokens {m['baseline_mae_tokens']}  "
-          f"p90_coverage {m['p90_coverage']}")
+    titles = {"online": "ONLINE (history of earlier requests in arrival order"
+                        + (", identical prompts hidden)" if args.cold_prompts else ")"),
+              "no_history": "NO HISTORY (every request is the first the dispatcher sees)"}
+    first = results[cases[0]]
+    print(f"model {first['model_version']}  data: {source}  rows {first['n']}  "
+          f"baseline {first['baseline_version']} (per-task median of the training data)")
+    for case, m in results.items():
+        print(f"\n{titles[case]}")
+        hdr = f"{'task':<8} {'n':>6} {'mae_tokens':>11} {'baseline_mae':>13} {'ratio':>6} "
+        print(hdr + f"{'p90_cov':>8} {'p99_cov':>8}")
+        rows = [*m["per_task"].items(), ("ALL", m)]
+        for t, b in rows:
+            print(f"{t:<8} {b['n']:>6} {b['mae_tokens']:>11.2f} "
+                  f"{b['baseline_mae_tokens']:>13.2f} {b['mae_ratio']:>6.3f} "
+                  f"{b['p90_coverage']:>8.3f} {b['p99_coverage']:>8.3f}")
     return 0
 
 
