@@ -444,6 +444,7 @@ def test_unknown_policy_lists_known_ones() -> None:
     "policy",
     [
         "goodserve",
+        "goodserve-adaptive",
         "goodserve-packed",
         "random",
         "power-of-two",
@@ -493,3 +494,19 @@ def test_estimator_learns_tpot_from_heartbeats() -> None:
     for k in range(30):
         beat(est, 0, at=float(k), running=10, tpot_s=2 * model)
     assert math.isclose(float(est.tpot(10.0)[0]), 2 * model, rel_tol=0.02)
+
+
+def test_adaptive_replays_with_learned_errors() -> None:
+    """The learned estimate errors a decision saw travel in its record: replay agrees."""
+    est = fleet("V100", "A40", "A100", "H100")
+    for k in range(6):
+        finish_of(est, k % 4, took_x=1.0 + 0.2 * (k % 3), rid=f"w{k}")
+    router = Router(
+        estimator=est, predictor=SpreadPredictor(150, 250, 400), policy="goodserve-adaptive"
+    )
+    for i in range(20):
+        req = AgentRequest(request_id=f"r{i}", input_tokens=100, slo_s=1.5 + i % 6, arrival=0.0)
+        rec = router.route(req, 0.01 * i).record()
+        assert any(v.finish_err != 0.1 for v in rec.instances)
+        chosen, _ = replay(decode(encode(rec)))
+        assert chosen == rec.chosen
