@@ -2,7 +2,7 @@
 
 | name | filters | scorers (weight) | picker |
 |---|---|---|---|
-| goodserve | usable, model-match, near-best (keeps half the slack the earliest-finishing instance would leave, finishes within 2x of it), kv-headroom, meets-deadline, protects-residents (planning on the P90 length), covers-tail (off) | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
+| goodserve | usable, model-match, near-best (keeps half the slack the earliest-finishing instance would leave, finishes within 2x of it), kv-headroom, meets-deadline, protects-residents (planning on the P90 length) | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
 | goodserve-adaptive | as goodserve, but near-best keeps u x half the best slack and finishes within 1 + min(0.75 / u, 2) of the best finish (u = 1 - P50 / P99, the length's uncertainty), meets-deadline's margin is the instance's learned error of its finish estimates (x 1.28, log scale) instead of 5%, and covers-tail prefers instances that still make it on the P99 | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
 | goodserve-rescue | usable, model-match, within-reach (planning on the P50 length) | earliest-finish (1), prefix-cache (0.5) | max-score; none left: rejected |
 | goodserve-p50 | as goodserve, planning on the P50 length (for experiments) | just-enough (1) | max-score; fallback goodserve-rescue |
@@ -70,13 +70,7 @@ ADAPTIVE_CONFIG: dict[str, Any] = {
 # without the rule it turns on, and replays so.
 LEGACY_OFF: dict[str, Any] = {"error_z": 0.0, "slack_by_spread": False, "cover_tail": False}
 
-GOODSERVE_FILTERS = [
-    "near-best",
-    "kv-headroom",
-    "meets-deadline",
-    "protects-residents",
-    "covers-tail",
-]
+GOODSERVE_FILTERS = ["near-best", "kv-headroom", "meets-deadline", "protects-residents"]
 
 # Just enough, and among those that are, where the prompt is cached (a cache hit saves
 # the prefill compute every other request on that instance would wait for).
@@ -96,7 +90,7 @@ SPECS: dict[str, PolicySpec] = {
         ),
         PolicySpec(
             "goodserve-adaptive",
-            [*BASIC, *GOODSERVE_FILTERS],
+            [*BASIC, *GOODSERVE_FILTERS, "covers-tail"],
             GOODSERVE_SCORERS,
             "max-score",
             fallback="goodserve-rescue",
