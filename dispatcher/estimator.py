@@ -68,6 +68,12 @@ DEFAULT_BUSY_WINDOW_S = 5.0
 _MAX_BUSY = 0.8
 _COEF_ROWS = ("q_cache", "pbc", "pfc", "pqc", "d_cache", "k_ctx")
 """The rows of FleetEstimator._coef, in order."""
+# Prior (before any observation) and EMA weight of an instance's squared log error of its
+# finish estimates (observed latency / estimated for the actual length): see finish_err.
+DEFAULT_FINISH_ERR_PRIOR = 0.1
+DEFAULT_FINISH_ERR_ALPHA = 0.05
+# The prior counts as this many observations: the first completions move it quickly.
+DEFAULT_FINISH_ERR_PRIOR_WEIGHT = 4.0
 # An instance without a heartbeat for this long is stale: excluded from routing.
 DEFAULT_STALE_AFTER_S = 3.0
 # Per-request contexts (tokens) at which the TPOT plane is fitted to the performance model.
@@ -177,6 +183,12 @@ class FleetEstimator:
         self.tpot_corr_base = np.ones(n)  # slow EMA of tpot_corr: a jump above it = slowdown
         self.prefill_corr = np.ones(n)
         self.finish_corr = np.ones(n)  # EMA of observed / estimated completion time
+        # EMA of the squared log error of finish estimates (see finish_err)
+        self.finish_lvar = np.full(n, DEFAULT_FINISH_ERR_PRIOR**2)
+        self.finish_nobs = np.zeros(n)  # completions finish_lvar has learned from
+        self.fleet_lvar = DEFAULT_FINISH_ERR_PRIOR**2  # the same over every instance
+        self.fleet_nobs = 0.0
+        self._finish_err: np.ndarray | None = None
         self.queue_s = np.zeros(n)  # EMA of observed queueing delay
         self.last_seen = np.full(n, -math.inf)
         self.alive = np.zeros(n, dtype=bool)
@@ -262,6 +274,9 @@ class FleetEstimator:
         self.tpot_corr_base = grow(self.tpot_corr_base, 1.0)
         self.prefill_corr = grow(self.prefill_corr, 1.0)
         self.finish_corr = grow(self.finish_corr, 1.0)
+        self.finish_lvar = grow(self.finish_lvar, DEFAULT_FINISH_ERR_PRIOR**2)
+        self.finish_nobs = grow(self.finish_nobs, 0.0)
+        self._finish_err = None
         self.queue_s = grow(self.queue_s, 0.0)
         self.last_seen = grow(self.last_seen, now if is_alive else -math.inf)
         self.alive = grow(self.alive, is_alive)
@@ -548,6 +563,25 @@ class FleetEstimator:
         """
         return self.tpot_corr_mid / np.maximum(self.tpot_corr_base, 1e-9)
 
+    def finish_err(self) -> np.ndarray:
+        """Typical relative error of each instance's finish estimates (log scale, RMS).
+
+        Learned from completions: the latency a request took against the estimate made
+        when it was placed, for the length it really generated, so only the resource
+        side's error counts (queueing behind later arrivals, prefill interference, a
+        mis-fitted TPOT), not the length prediction's. An instance's own error is shrunk
+        towards the fleet's (which starts at DEFAULT_FINISH_ERR_PRIOR) with the weight of
+        DEFAULT_FINISH_ERR_PRIOR_WEIGHT completions: one we have not watched inherits it.
+        Only ``goodserve-adaptive`` (``error_z`` > 0) routes on it.
+        """
+        if self._finish_err is None:
+            w = DEFAULT_FINISH_ERR_PRIOR_WEIGHT
+            lvar = (w * self.fleet_lvar + self.finish_nobs * self.finish_lvar) / (
+                w + self.finish_nobs
+            )
+            self._finish_err = np.sqrt(lvar)
+        return self._finish_err
+
     def kv_frac(self) -> np.ndarray:
         return np.minimum(self.hb_kv_used / np.maximum(self.kv_total, 1.0), 1.0)
 
@@ -685,6 +719,22 @@ class FleetEstimator:
         if tr is None:
             return None
         i = tr.slot
+        if decode_s is not None and output_tokens and (tr.est_fixed_s or tr.est_tpot_s):
+            # how far off the decision's estimate was for the length the request really had
+            # (the resource side's own error, apart from the length prediction's)
+            est_s = tr.est_fixed_s + tr.est_tpot_s * output_tokens
+            took = now - tr.assigned_at
+            if est_s > 0.0 and took > 0.0:
+                e = math.log(took / est_s)
+                e2 = min(e * e, 4.0)
+                nobs = self.finish_nobs.item(i) + 1.0
+                self.finish_nobs[i] = nobs
+                a = max(DEFAULT_FINISH_ERR_ALPHA, 1.0 / nobs)
+                self.finish_lvar[i] = (1 - a) * self.finish_lvar.item(i) + a * e2
+                self.fleet_nobs += 1.0
+                a = max(DEFAULT_FINISH_ERR_ALPHA / 4.0, 1.0 / self.fleet_nobs)
+                self.fleet_lvar = (1 - a) * self.fleet_lvar + a * e2
+                self._finish_err = None
         if decode_s is not None and output_tokens and output_tokens > 1:
             observed = decode_s / (output_tokens - 1)
             batch = max(min(float(self.active()[i]), float(self.max_batch[i])), 1.0)
@@ -814,6 +864,7 @@ class FleetEstimator:
                 "finish_corr",
             )
         }
+        err = self.finish_err()
         out = []
         for i, info in enumerate(self.infos):
             ms = cols["min_slack"][i]
@@ -846,6 +897,7 @@ class FleetEstimator:
                     rem_at_min=cols["rem_at_min"][i],
                     ctx_tokens=cols["ctx_tokens"][i],
                     finish_corr=cols["finish_corr"][i],
+                    finish_err=float(err[i]),
                 )
             )
         return out
@@ -892,6 +944,9 @@ class FleetEstimator:
         est.rem_at_min = col("rem_at_min")
         est.ctx_tokens = col("ctx_tokens")
         est.finish_corr = col("finish_corr")
+        est._finish_err = col("finish_err")  # what the decision saw, as it saw it
+        est.finish_lvar = est._finish_err**2
+        est.finish_nobs = np.zeros(n)
         est.d1_tc = np.zeros(n)
         est.guard_slack = np.full(n, math.inf)
         est._all = np.ones(n, dtype=bool)

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.policies.base import Policy, RouteContext
-from goodserve.dispatcher.policies.registry import make_policy
+from goodserve.dispatcher.policies.registry import LEGACY_OFF, make_policy
 from goodserve.dispatcher.predictor.model import PredictorInput
 from goodserve.dispatcher.prefix_index import PrefixIndex
 from goodserve.dispatcher.workflows import WorkflowTracker
@@ -403,7 +403,7 @@ def replay(decision: Decision) -> tuple[str | None, Decision]:
     """
     est = FleetEstimator.from_views(list(decision.instances))
     overrides = {k: v for k, v in decision.config.items() if not k.startswith("state.")}
-    policy = make_policy(decision.policy, overrides)
+    policy = make_policy(decision.policy, {**LEGACY_OFF, **overrides})
     policy.set_state(
         {k[len("state.") :]: int(v) for k, v in decision.config.items() if k.startswith("state.")}
     )

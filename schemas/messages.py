@@ -164,6 +164,8 @@ class InstanceView(msgspec.Struct, kw_only=True):
     tpot_ctx_s: float = 0.0
     prefill_quad_s: float = 0.0
     prefill_busy: float = 0.0
+    finish_err: float = 0.0
+    """RMS log error of the instance's finish estimates (0 in records made before it)."""
 
 
 class Decision(Message, tag="decision", kw_only=True):

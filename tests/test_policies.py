@@ -8,7 +8,12 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from goodserve.dispatcher.estimator import FleetEstimator
-from goodserve.dispatcher.policies.registry import BASELINES, make_policy, policy_names
+from goodserve.dispatcher.policies.registry import (
+    BASELINES,
+    LEGACY_OFF,
+    make_policy,
+    policy_names,
+)
 from goodserve.dispatcher.router import Router, replay
 from goodserve.schemas import AgentRequest, Heartbeat, RequestProgress, decode, encode
 
@@ -125,26 +130,30 @@ def test_rejection_needs_a_confident_hopeless_prediction(
     assert (chosen is None) == rejected
 
 
+FIXED_SHARE: dict[str, object] = {}
+"""goodserve's rule: a fixed share of the best slack, whatever the length's spread."""
+
+
 @pytest.mark.parametrize(
     ("case", "slo_of", "overrides", "v100_allowed"),
     [
         (
             "loose: keeps half the best slack even on the V100",
             lambda f: 60.0,
-            {"trust_region": None},
+            {**FIXED_SHARE, "trust_region": None},
             True,
         ),
         (
             "medium: the V100 would eat the slack",
             lambda f: 1.2 * f[0],
-            {"trust_region": None},
+            {**FIXED_SHARE, "trust_region": None},
             False,
         ),
-        ("by default also within 2x of the best finish", lambda f: 60.0, {}, False),
+        ("fixed share: also within 2x of the best finish", lambda f: 60.0, FIXED_SHARE, False),
         (
             "a record from before keep_slack: the 1.5x trust region alone",
             lambda f: 60.0,
-            {"keep_slack": None, "trust_region": 0.5},
+            {"keep_slack": None, "trust_region": 0.5, "slack_by_spread": False},
             False,
         ),
         (
@@ -169,12 +178,168 @@ def test_keep_slack_bounds_packing(
     assert chosen is not None
     assert (chosen == "v100-0") == v100_allowed
     best = float(finish.min())
-    if "keep_slack" not in overrides:
+    if overrides.get("keep_slack", 0.5) and overrides.get("slack_by_spread") is False:
         assert slo - finish[est.slot(chosen)] >= 0.5 * (slo - best) - 1e-9
-    if not overrides:
+    if overrides == FIXED_SHARE:
         assert finish[est.slot(chosen)] <= 2.0 * best < finish[0]
     elif overrides.get("trust_region") == 0.5:
         assert finish[est.slot(chosen)] <= 1.5 * best < finish[0]
+
+
+class SpreadPredictor(FixedPredictor):
+    """Predicts (p50, p90, p99)."""
+
+    def __init__(self, p50: float, p90: float, p99: float) -> None:
+        super().__init__(p50, p90)
+        self.p99 = p99
+
+    def predict(self, x: object) -> OraclePrediction:
+        return OraclePrediction(self.p50, self.p90, self.p99)
+
+
+def route3(
+    est: FleetEstimator,
+    p: tuple[float, float, float],
+    slo_s: float,
+    overrides: dict[str, object] | None = None,
+) -> str | None:
+    router = Router(
+        estimator=est,
+        predictor=SpreadPredictor(*p),
+        policy=make_policy("goodserve-adaptive", overrides),
+    )
+    req = AgentRequest(request_id="r1", input_tokens=100, max_tokens=4096, arrival=0.0, slo_s=slo_s)
+    return router.route(req, 0.0).instance_id
+
+
+# (case, (p50, p90, p99), slo as a multiple of the V100's finish on the P90, V100 allowed)
+SPREAD_CASES = [
+    ("exact length, loose: packs onto the V100", (300, 300, 300), 3.0, True),
+    ("exact length, just enough: the V100", (300, 300, 300), 1.2, True),
+    ("uncertain length, loose: the V100 is beyond the trust region", (150, 300, 600), 3.0, False),
+    ("uncertain length, just enough: keeps slack on a faster GPU", (150, 300, 600), 1.2, False),
+    ("slightly uncertain, loose: packs (tail covered, region wide)", (280, 300, 310), 3.0, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "p", "slo_x", "v100_allowed"), SPREAD_CASES, ids=[c[0] for c in SPREAD_CASES]
+)
+def test_slack_kept_follows_the_length_uncertainty(
+    case: str, p: tuple[float, float, float], slo_x: float, v100_allowed: bool
+) -> None:
+    est = fleet("V100", "A100", "H100")
+    finish = est.estimate(100, p[1])[3]
+    chosen = route3(est, p, slo_x * float(finish[0]))
+    assert chosen is not None
+    assert (chosen == "v100-0") == v100_allowed
+
+
+# (case, tail on the A100 fits, tail on the H100 fits, cover_tail, expected)
+TAIL_CASES = [
+    ("the P99 fits only on the H100: take it", False, True, True, "h100-2"),
+    ("rule off: just enough on the P90 (A100)", False, True, False, "a100-1"),
+    ("the P99 fits on the A100 too: just enough (A100)", True, True, True, "a100-1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "a100_tail", "h100_tail", "cover", "expected"),
+    TAIL_CASES,
+    ids=[c[0] for c in TAIL_CASES],
+)
+def test_covers_tail_prefers_instances_that_survive_a_long_run(
+    case: str, a100_tail: bool, h100_tail: bool, cover: bool, expected: str
+) -> None:
+    est = fleet("A100", "A100", "H100")
+    est.draining[0] = True  # two candidates: the A100 in slot 1 and the H100
+    est._live_version += 1
+    p = (290.0, 300.0, 900.0)
+    plan = est.estimate(100, p[1])[3]
+    tail = est.estimate(100, p[2])[3]
+    # a deadline that the A100 meets on the P90 (with margins), and the tail where asked
+    slo = (float(tail[1]) if a100_tail else float(tail[2])) * 1.01 + 0.06
+    assert plan[1] * 1.05 + 0.05 <= slo
+    assert (tail[1] + 0.05 <= slo) == a100_tail
+    # keep_slack off: only the tail rule separates the two
+    ov = {"cover_tail": cover, "keep_slack": 0.0, "trust_region": None, "error_z": 0.0}
+    assert route3(est, p, slo, ov) == expected
+
+
+def test_covers_tail_keeps_the_candidates_when_no_tail_fits() -> None:
+    est = fleet("V100", "H100")
+    plan = est.estimate(100, 300)[3]
+    # the P99 (3,000 tokens) fits nowhere, the P90 on both: just enough, the V100
+    slo = float(plan[0]) * 1.3
+    assert route3(est, (290, 300, 3000), slo, {"keep_slack": 0.0, "trust_region": None}) == (
+        "v100-0"
+    )
+
+
+def finish_of(est: FleetEstimator, slot: int, *, took_x: float, rid: str) -> None:
+    """Place a 200-token request on ``slot`` and finish it after ``took_x`` x its estimate."""
+    q, p, d = est.estimate_at(slot, 100, 200)
+    est.on_assign(
+        est.infos[slot].instance_id,
+        request_id=rid,
+        input_tokens=100,
+        planned_tokens=200,
+        deadline=1e9,
+        now=0.0,
+        est_fixed_s=q + p,
+        est_tpot_s=d,
+    )
+    # decoded at the estimated TPOT (the TPOT correction stays put); late by the rest
+    est.on_finish(rid, now=took_x * (q + p + d * 200), output_tokens=200, decode_s=d * 199)
+
+
+# (case, how far off the A100's estimates turned out, A100 still trusted for a tight request)
+ERROR_CASES = [
+    ("not watched yet: the prior", None, True),
+    ("its estimates held: trusted", 1.0, True),
+    ("it ran 1.6x its estimates: kept off tight work", 1.6, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "took_x", "trusted"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES]
+)
+def test_learned_estimate_error_sets_the_margin(
+    case: str, took_x: float | None, trusted: bool
+) -> None:
+    est = fleet("A100", "H100")
+    if took_x is not None:
+        for k in range(20):
+            finish_of(est, 0, took_x=took_x, rid=f"w{k}")
+    err = est.finish_err()
+    if took_x == 1.6:
+        assert err[0] > 0.4  # log(1.6) = 0.47
+        assert err[1] < err[0]  # the unwatched H100 is pulled towards the fleet's error
+    elif took_x == 1.0:
+        assert err[0] < 0.05
+    else:
+        assert np.allclose(err, 0.1)  # the prior
+    finish = est.estimate(100, 300)[3]
+    slo = float(finish[0]) * 1.2 + 0.05  # the A100 makes it by 20%: more than exp(1.28 x 0.1)
+    chosen = route3(est, (300, 300, 300), slo)
+    assert (chosen == "a100-0") == trusted
+
+
+def test_old_records_replay_without_the_new_rules() -> None:
+    """A record decided before error_z / slack_by_spread / cover_tail replays with them off."""
+    est = fleet("V100", "A100", "H100")
+    router = Router(
+        estimator=est,
+        predictor=SpreadPredictor(150, 300, 600),
+        policy=make_policy("goodserve-adaptive", {**LEGACY_OFF, "trust_region": 1.0}),
+    )
+    req = AgentRequest(request_id="r1", input_tokens=100, max_tokens=4096, arrival=0.0, slo_s=60.0)
+    rec = router.route(req, 0.0).record()
+    new_rules = ("slack_by_spread", "cover_tail", "error_z")
+    old = {k: v for k, v in rec.config.items() if k not in new_rules}
+    rec = type(rec)(**{**_asdict(rec), "config": old})
+    chosen, _ = replay(decode(encode(rec)))
+    assert chosen == rec.chosen
 
 
 def test_best_effort_instead_of_rejection() -> None:
@@ -279,6 +444,7 @@ def test_unknown_policy_lists_known_ones() -> None:
     "policy",
     [
         "goodserve",
+        "goodserve-adaptive",
         "goodserve-packed",
         "random",
         "power-of-two",
@@ -328,3 +494,19 @@ def test_estimator_learns_tpot_from_heartbeats() -> None:
     for k in range(30):
         beat(est, 0, at=float(k), running=10, tpot_s=2 * model)
     assert math.isclose(float(est.tpot(10.0)[0]), 2 * model, rel_tol=0.02)
+
+
+def test_adaptive_replays_with_learned_errors() -> None:
+    """The learned estimate errors a decision saw travel in its record: replay agrees."""
+    est = fleet("V100", "A40", "A100", "H100")
+    for k in range(6):
+        finish_of(est, k % 4, took_x=1.0 + 0.2 * (k % 3), rid=f"w{k}")
+    router = Router(
+        estimator=est, predictor=SpreadPredictor(150, 250, 400), policy="goodserve-adaptive"
+    )
+    for i in range(20):
+        req = AgentRequest(request_id=f"r{i}", input_tokens=100, slo_s=1.5 + i % 6, arrival=0.0)
+        rec = router.route(req, 0.01 * i).record()
+        assert any(v.finish_err != 0.1 for v in rec.instances)
+        chosen, _ = replay(decode(encode(rec)))
+        assert chosen == rec.chosen

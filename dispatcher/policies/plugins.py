@@ -69,15 +69,64 @@ class MeetsDeadline:
 
     rel: float
     abs_s: float
+    err_z: float = 0.0
     name: str = "meets-deadline"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
         limit = (ctx.deadline_in - self.abs_s) / (1.0 + self.rel)
+        if self.err_z > 0.0:  # margins learned per instance: no shared finish bound
+            finish = ctx.finish * np.exp(self.err_z * ctx.est.finish_err())
+            ok = finish <= limit
+            return np.logical_and(mask, ok, out=ok)
         if limit >= ctx.finish_cap:
             return mask  # every candidate left already finishes by then (near-best)
         ctx.finish_cap = min(ctx.finish_cap, limit)
         meets = ctx.finish <= limit
         return np.logical_and(mask, meets, out=meets)
+
+
+@dataclass(slots=True)
+class CoversTail:
+    """Prefer instances that would still make the deadline if the request ran to its P99.
+
+    Planning on the P90 leaves one request in ten running longer than planned; on a
+    fast instance the slack absorbs it, on the just-enough one it misses. So among
+    the candidates (all of which make it on the plan), keep those that also make it on
+    the tail length, with the same margins, where there are any; otherwise leave the
+    candidates as they are (the tail is insurance, bought only where it is on offer).
+    A confident prediction (P99 no longer than the plan) costs nothing here: the rule
+    keeps slack in proportion to the length's uncertainty, not a fixed share of it.
+    """
+
+    rel: float
+    abs_s: float
+    err_z: float = 0.0
+    on: bool = True
+    name: str = "covers-tail"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        if not self.on:
+            return mask
+        tail = ctx.p99 if ctx.p99 > 0.0 else ctx.p90
+        if ctx.max_tokens:
+            tail = min(tail, float(ctx.max_tokens))
+        if tail <= ctx.planned_tokens or not mask.any():
+            return mask
+        finish = ctx.est.finish_time(ctx.input_tokens, tail, ctx.cached)
+        if self.err_z > 0.0:
+            finish = finish * np.exp(self.err_z * ctx.est.finish_err())
+        ok = mask & (finish <= (ctx.deadline_in - self.abs_s) / (1.0 + self.rel))
+        return ok if ok.any() else mask
+
+
+@register_filter("covers-tail")
+def _tail(config: PolicyConfig) -> CoversTail:
+    return CoversTail(
+        on=bool(config.get("cover_tail", False)),
+        rel=float(config.get("margin_rel", 0.05)),
+        abs_s=float(config.get("margin_abs_s", 0.05)),
+        err_z=float(config.get("error_z", 0.0)),
+    )
 
 
 @dataclass(slots=True)
@@ -214,6 +263,10 @@ class NearBest:
 
     trust_region: float
     keep_slack: float | None = None
+    max_region: float = math.inf
+    by_spread: bool = False
+    """Scale both by the length's uncertainty u = 1 - P50 / P99 (0 for an exact
+    prediction): keep ``u * keep_slack`` of the slack, trust ``trust_region / u``."""
     name: str = "near-best"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
@@ -223,11 +276,17 @@ class NearBest:
         if not cand.size:
             return mask
         best = cand.item(cand.argmin())
+        keep, region = self.keep_slack, self.trust_region
+        if self.by_spread:
+            tail = ctx.p99 if ctx.p99 > 0.0 else ctx.p90
+            u = 1.0 - ctx.p50 / tail if 0.0 < ctx.p50 < tail else 0.0
+            keep = None if keep is None else keep * u
+            region = min(region / u if u > 0.0 else math.inf, self.max_region)
         bound = math.inf
-        if self.keep_slack is not None and math.isfinite(ctx.deadline_in):
-            bound = ctx.deadline_in - self.keep_slack * max(ctx.deadline_in - best, 0.0)
-        if math.isfinite(self.trust_region):
-            bound = min(bound, (1.0 + self.trust_region) * best)
+        if keep is not None and math.isfinite(ctx.deadline_in):
+            bound = ctx.deadline_in - keep * max(ctx.deadline_in - best, 0.0)
+        if math.isfinite(region):
+            bound = min(bound, (1.0 + region) * best)
         if not math.isfinite(bound):
             return mask
         limit = max(bound, best)
@@ -244,6 +303,8 @@ def _near_best(config: PolicyConfig) -> NearBest:
     return NearBest(
         trust_region=math.inf if region is None else float(region),
         keep_slack=None if keep is None else float(keep),
+        by_spread=bool(config.get("slack_by_spread", False)),
+        max_region=float(config.get("max_trust_region") or math.inf),
     )
 
 
@@ -265,7 +326,9 @@ def _kv(config: PolicyConfig) -> KvHeadroom:
 @register_filter("meets-deadline")
 def _meets(config: PolicyConfig) -> MeetsDeadline:
     return MeetsDeadline(
-        rel=float(config.get("margin_rel", 0.05)), abs_s=float(config.get("margin_abs_s", 0.05))
+        rel=float(config.get("margin_rel", 0.05)),
+        abs_s=float(config.get("margin_abs_s", 0.05)),
+        err_z=float(config.get("error_z", 0.0)),
     )
 
 

@@ -3,6 +3,7 @@
 | name | filters | scorers (weight) | picker |
 |---|---|---|---|
 | goodserve | usable, model-match, near-best (keeps half the slack the earliest-finishing instance would leave, finishes within 2x of it), kv-headroom, meets-deadline, protects-residents (planning on the P90 length) | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
+| goodserve-adaptive | as goodserve, but near-best keeps u x half the best slack and finishes within 1 + min(0.75 / u, 2) of the best finish (u = 1 - P50 / P99, the length's uncertainty), meets-deadline's margin is the instance's learned error of its finish estimates (x 1.28, log scale) instead of 5%, and covers-tail prefers instances that still make it on the P99 | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
 | goodserve-rescue | usable, model-match, within-reach (planning on the P50 length) | earliest-finish (1), prefix-cache (0.5) | max-score; none left: rejected |
 | goodserve-p50 | as goodserve, planning on the P50 length (for experiments) | just-enough (1) | max-score; fallback goodserve-rescue |
 | goodserve-nomigrate | same as goodserve | just-enough (1) | max-score; never migrates |
@@ -49,6 +50,28 @@ GOODSERVE_CONFIG: dict[str, Any] = {
     "kv_limit": 0.98,
 }
 
+# goodserve-adaptive (session 4, not the default: see docs/routing.md): slack kept in
+# proportion to what is uncertain instead of a fixed share.
+ADAPTIVE_CONFIG: dict[str, Any] = {
+    **GOODSERVE_CONFIG,
+    # near-best: keep u x 0.5 of the best slack and finish within 1 + min(0.75 / u, 2) of
+    # the best finish, u = 1 - P50 / P99 the length's uncertainty (0: exact length)
+    "slack_by_spread": True,
+    "trust_region": 0.75,
+    "max_trust_region": 2.0,
+    # meets-deadline / covers-tail: finish x exp(1.28 x the instance's learned error of its
+    # finish estimates) + 50 ms, instead of a fixed 5%
+    "margin_rel": 0.0,
+    "error_z": 1.28,
+    "cover_tail": True,
+}
+
+# Settings added after records were first kept: a record without one was decided
+# without the rule it turns on, and replays so.
+LEGACY_OFF: dict[str, Any] = {"error_z": 0.0, "slack_by_spread": False, "cover_tail": False}
+
+GOODSERVE_FILTERS = ["near-best", "kv-headroom", "meets-deadline", "protects-residents"]
+
 # Just enough, and among those that are, where the prompt is cached (a cache hit saves
 # the prefill compute every other request on that instance would wait for).
 GOODSERVE_SCORERS: list[tuple[str, float]] = [("just-enough", 1.0), ("prefix-cache", 2.0)]
@@ -58,7 +81,7 @@ SPECS: dict[str, PolicySpec] = {
     for s in [
         PolicySpec(
             "goodserve",
-            [*BASIC, "near-best", "kv-headroom", "meets-deadline", "protects-residents"],
+            [*BASIC, *GOODSERVE_FILTERS],
             GOODSERVE_SCORERS,
             "max-score",
             fallback="goodserve-rescue",
@@ -66,8 +89,17 @@ SPECS: dict[str, PolicySpec] = {
             migrate=True,
         ),
         PolicySpec(
+            "goodserve-adaptive",
+            [*BASIC, *GOODSERVE_FILTERS, "covers-tail"],
+            GOODSERVE_SCORERS,
+            "max-score",
+            fallback="goodserve-rescue",
+            config=dict(ADAPTIVE_CONFIG),
+            migrate=True,
+        ),
+        PolicySpec(
             "goodserve-p50",
-            [*BASIC, "near-best", "kv-headroom", "meets-deadline", "protects-residents"],
+            [*BASIC, *GOODSERVE_FILTERS],
             GOODSERVE_SCORERS,
             "max-score",
             fallback="goodserve-rescue",
@@ -85,7 +117,7 @@ SPECS: dict[str, PolicySpec] = {
         ),
         PolicySpec(
             "goodserve-packed",
-            [*BASIC, "near-best", "kv-headroom", "meets-deadline", "protects-residents"],
+            [*BASIC, *GOODSERVE_FILTERS],
             GOODSERVE_SCORERS,
             "max-score",
             fallback="goodserve-rescue",
@@ -94,7 +126,7 @@ SPECS: dict[str, PolicySpec] = {
         ),
         PolicySpec(
             "goodserve-nomigrate",
-            [*BASIC, "near-best", "kv-headroom", "meets-deadline", "protects-residents"],
+            [*BASIC, *GOODSERVE_FILTERS],
             GOODSERVE_SCORERS,
             "max-score",
             fallback="goodserve-rescue",

@@ -21,7 +21,16 @@ from goodserve.sim.simulator import SimConfig, simulate, slo_scale_for
 from goodserve.sim.synth import synthesize, synthesize_workflows
 
 LB = ["round-robin", "random", "least-request", "least-kv", "power-of-two"]
-ALL = ["goodserve", "goodserve-packed", "goodserve-nomigrate", "fastest-first", *LB, "llm-d"]
+ADAPTIVE = ["goodserve-adaptive"]
+ALL = [
+    "goodserve",
+    "goodserve-adaptive",
+    "goodserve-packed",
+    "goodserve-nomigrate",
+    "fastest-first",
+    *LB,
+    "llm-d",
+]
 PREDICTORS = {
     "oracle": ("oracle", None),
     "noisy-30%": ("noisy:0.3", None),
@@ -49,6 +58,7 @@ def figure2(n: int = 600) -> dict[str, Any]:
                 row[pol] = round(r["slo_attainment"], 4)
             best_lb = max(row[p] for p in LB)
             row["vs_best_load_balancer"] = round(row["goodserve"] / best_lb, 3)
+            row["adaptive_vs_best_load_balancer"] = round(row["goodserve-adaptive"] / best_lb, 3)
             row["vs_fastest_first"] = round(row["goodserve"] / row["fastest-first"], 3)
             out[f"{rps}rps/{pname}"] = row
             log(f"figure2 {rps} rps {pname}: {row}")
@@ -69,7 +79,7 @@ def azure_slo_scales(
             pred, hint = PREDICTORS[pname]
             for target in (0.95, 0.99):
                 row: dict[str, Any] = {}
-                for pol in ["goodserve", "goodserve-packed", "fastest-first", *LB]:
+                for pol in ["goodserve", *ADAPTIVE, "goodserve-packed", "fastest-first", *LB]:
                     cfg = SimConfig(policy=pol, predictor=pred, hint_error=hint)
                     res = slo_scale_for(fleet, trace, cfg, target, iters=iters)
                     row[pol] = None if res["slo_scale"] is None else round(res["slo_scale"], 3)
@@ -88,6 +98,7 @@ def workflows() -> dict[str, Any]:
     out: dict[str, Any] = {}
     pols = [
         "goodserve",
+        "goodserve-adaptive",
         "goodserve-nomigrate",
         "prefix-affinity",
         "session-affinity",
@@ -214,16 +225,20 @@ def to_markdown(res: dict[str, Any]) -> str:
             "alone: this trace carries no text, so it cannot know the length).",
             "",
         ]
-        pols = ["goodserve", "goodserve-packed", "fastest-first", *LB, "llm-d"]
+        pols = ["goodserve", *ADAPTIVE, "goodserve-packed", "fastest-first", *LB, "llm-d"]
         lines.append(
-            "| load / predictor | " + " | ".join(pols) + " | vs best LB | vs fastest-first |"
+            "| load / predictor | "
+            + " | ".join(pols)
+            + " | vs best LB | adaptive vs best LB | vs fastest-first |"
         )
-        lines.append("|---" * (len(pols) + 3) + "|")
+        lines.append("|---" * (len(pols) + 4) + "|")
         for k, row in res["figure2"].items():
             lines.append(
                 f"| {k} | "
                 + " | ".join(f"{row[p]:.3f}" for p in pols)
-                + f" | {row['vs_best_load_balancer']:.2f}x | {row['vs_fastest_first']:.2f}x |"
+                + f" | {row['vs_best_load_balancer']:.2f}x"
+                + f" | {row.get('adaptive_vs_best_load_balancer', 0.0):.2f}x"
+                + f" | {row['vs_fastest_first']:.2f}x |"
             )
         lines.append("")
     if "azure_slo_scale" in res:
