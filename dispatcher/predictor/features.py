@@ -410,6 +410,11 @@ class TextModel:
 
 
 _TM_ROW = {t: i for i, t in enumerate(TEXT_MODEL_TASKS)}
+_TextEntry = tuple[
+    list[float], np.ndarray, np.ndarray, dict[int, list[float]],
+    dict[tuple[str, str | None], list[float]],
+]
+"""A prompt's memo in ``Featurizer``: see its ``_cache``."""
 PriorTable = Mapping[str, Mapping[str, Sequence[float]]]
 """task bucket -> model name -> (offset, spread, log1p(count)) of log1p(output tokens)."""
 
@@ -439,8 +444,9 @@ class Featurizer:
             for t, by_model in (model_prior or {}).items()
             for m, vals in by_model.items()
         }
-        self._cache: dict[str, tuple[list[float], np.ndarray, np.ndarray, dict[int, list[float]]]]
-        self._cache = {}
+        # prompt -> (text statistics, word ids, char ids, text scores by task model row,
+        # the row's middle by (task, model)); "" holds prompt-less rows' middles
+        self._cache: dict[str, _TextEntry] = {}
         self.cache_size = cache_size
 
     def text(self, prompt: str | None, task: str = "chat") -> list[float]:
@@ -448,17 +454,25 @@ class Featurizer:
         row = _TM_ROW[text_model_task(task)]
         if not prompt:
             return [0.0] * (_N_STATS + len(_TEXT_MODEL_NAMES))
-        hit = self._cache.get(prompt)
-        if hit is None:
-            stats, wids = ngram_ids(prompt)
-            hit = (stats, wids, char_ids(prompt), {})
-            if len(self._cache) >= self.cache_size:
-                self._cache.clear()
-            self._cache[prompt] = hit
+        hit = self._entry(prompt)
         sc = hit[3].get(row)
         if sc is None:
             sc = hit[3][row] = self.text_model.scores(row, hit[1], hit[2])
         return hit[0] + sc
+
+    def _entry(self, prompt: str) -> _TextEntry:
+        """The prompt's memo (made on a miss; the memo is bounded)."""
+        hit = self._cache.get(prompt)
+        if hit is None:
+            if prompt:
+                stats, wids = ngram_ids(prompt)
+                hit = (stats, wids, char_ids(prompt), {}, {})
+            else:
+                hit = ([], _NO_IDS, _NO_IDS, {}, {})
+            if len(self._cache) >= self.cache_size:
+                self._cache.clear()
+            self._cache[prompt] = hit
+        return hit
 
     def prior_of(self, task: str, model: str | None) -> list[float]:
         p = self.prior.get((task_bucket(task), model or "default"))
@@ -477,14 +491,20 @@ class Featurizer:
         """The full feature vector in ``FEATURE_NAMES`` order."""
         step_c = min(max(int(step), 0), MAX_STEP)
         feats = [math.log1p(max(int(input_tokens), 0)), float(step_c)]
-        onehot = [0.0] * (len(TASKS) + MODEL_BUCKETS)
-        onehot[TASK_INDEX.get(task, TASK_INDEX["other"])] = 1.0
-        mb = _model_bucket(model)
-        if mb >= 0:
-            onehot[len(TASKS) + mb] = 1.0
-        feats += onehot
-        feats += self.text(prompt, task)
-        feats += self.prior_of(task, model)
+        # one-hots, text and prior depend on (task, model, prompt) only: memoised with the
+        # prompt's text features (clearing the text memo clears these too)
+        mids = self._entry(prompt or "")[4]
+        mid = mids.get((task, model))
+        if mid is None:
+            onehot = [0.0] * (len(TASKS) + MODEL_BUCKETS)
+            onehot[TASK_INDEX.get(task, TASK_INDEX["other"])] = 1.0
+            mb = _model_bucket(model)
+            if mb >= 0:
+                onehot[len(TASKS) + mb] = 1.0
+            mid = mids[(task, model)] = onehot + self.text(prompt, task) + self.prior_of(
+                task, model
+            )
+        feats += mid
         feats += history
         return feats
 
