@@ -548,7 +548,8 @@ class History:
         )
         out += [st[0], math.log1p(st[1])] if st is not None else [NO_HISTORY, 0.0]
         out += [mo[0], math.log1p(mo[1])] if mo is not None else [NO_HISTORY, 0.0]
-        pr = self._prompt.get(_prompt_key(tb, prompt)) if prompt else None
+        # the prompt's key (a CRC of its head) only when some prompt has history
+        pr = self._prompt.get(_prompt_key(tb, prompt)) if prompt and self._prompt else None
         out += [pr[0] / pr[1], math.log1p(pr[1])] if pr is not None else [0.0, 0.0]
         return out
 

@@ -481,6 +481,21 @@ class OutputLengthPredictor(_Base):
     def predict(self, x: PredictorInput) -> LengthPrediction:
         return self._post(self.predict_features([self._features_of(x)])[0], x)
 
+    def predict_batch(
+        self, xs: Sequence[PredictorInput], feats: Sequence[Sequence[float]] | None = None
+    ) -> list[LengthPrediction]:
+        """As ``_Base.predict_batch``; a row with no hint and no recalibration learnt yet
+        keeps its prediction as it is (what ``_post`` would return), without the call."""
+        if feats is None:
+            feats = [self.features(x) for x in xs]
+        preds = self.predict_features(feats)
+        if self._calib and self.online_calibration:
+            return [self._post(p, x) for p, x in zip(preds, xs, strict=True)]
+        return [
+            p if x.output_tokens_hint is None else self._post(p, x)
+            for p, x in zip(preds, xs, strict=True)
+        ]
+
     # -- online learning -----------------------------------------------------------------
 
     def observe(
