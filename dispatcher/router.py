@@ -337,18 +337,19 @@ class Router:
             c = float(cached[slot]) if isinstance(cached, np.ndarray) else float(cached)
             q_, p_, d_ = self.est.estimate_at(slot, n_in, ctx.planned_tokens, c)
             fc = self.est.finish_corr.item(slot)
-            self.est.on_assign(
-                instance_id,
-                request_id=req.request_id,
-                input_tokens=n_in,
-                planned_tokens=planned,
-                deadline=deadline,
-                now=now,
-                p50=p50,
-                p90=p90,
-                cached_tokens=int(c),
-                est_fixed_s=(q_ + p_) * fc,
-                est_tpot_s=d_ * fc,
+            self.est.assign_slot(  # on_assign by slot, positional
+                slot,
+                req.request_id,
+                n_in,  # input_tokens
+                planned,  # planned_tokens
+                deadline,
+                now,
+                p50,
+                p90,
+                0,  # generated
+                int(c),  # cached_tokens
+                (q_ + p_) * fc,  # est_fixed_s
+                d_ * fc,  # est_tpot_s
             )
         return out
 
