@@ -224,10 +224,22 @@ class Router:
         self.workflows = workflows if workflows is not None else WorkflowTracker()
         self.sessions: OrderedDict[str, int] = OrderedDict()
         self.max_sessions = max_sessions
+        self._seed_hash: tuple[int, Any] | None = None
+        """(router seed, BLAKE2b state after hashing "{seed}:"): see ``decision_seed``."""
 
     def decision_seed(self, request_id: str) -> int:
-        """Per-decision RNG seed: stable for (router seed, request, count)."""
-        h = hashlib.blake2b(f"{self.seed}:{request_id}:{self.counter}".encode(), digest_size=8)
+        """Per-decision RNG seed: stable for (router seed, request, count).
+
+        BLAKE2b of ``"{seed}:{request_id}:{count}"``; the state after ``"{seed}:"`` is kept
+        and copied (a copy and an update cost less than a fresh hash object)."""
+        pre = self._seed_hash
+        if pre is None or pre[0] != self.seed:
+            pre = self._seed_hash = (
+                self.seed,
+                hashlib.blake2b(f"{self.seed}:".encode(), digest_size=8),
+            )
+        h = pre[1].copy()
+        h.update(f"{request_id}:{self.counter}".encode())
         return int.from_bytes(h.digest(), "little") >> 1
 
     def predict(
