@@ -659,23 +659,65 @@ class FleetEstimator:
         self.infos[i].requests[request_id] = tr
         rem = planned_tokens - generated
         rem = 1.0 if 1.0 > rem else rem  # max(rem, 1.0)
-        self.n_active[i] = self.n_active.item(i) + 1.0
-        self.ctx_tokens[i] = self.ctx_tokens.item(i) + tr.ctx
-        self.rem_tokens[i] = self.rem_tokens.item(i) + rem
+        # The updated counters are kept as locals (float64 arrays store Python floats
+        # exactly) and ``_batch_state``, ``_slack`` and ``_refresh_load`` are inlined on them:
+        # the same arithmetic in the same order, each array element read once.
+        n = self.n_active.item(i) + 1.0
+        self.n_active[i] = n
+        ctx_t = self.ctx_tokens.item(i) + tr.ctx
+        self.ctx_tokens[i] = ctx_t
+        rem_t = self.rem_tokens.item(i) + rem
+        self.rem_tokens[i] = rem_t
         new_tokens = input_tokens + generated - cached_tokens
         new_tokens = 0 if 0 > new_tokens else new_tokens  # max(new_tokens, 0)
-        self.pending_prefill[i] = self.pending_prefill.item(i) + new_tokens
-        self.hb_kv_used[i] = self.hb_kv_used.item(i) + (input_tokens + generated)
+        pend = self.pending_prefill.item(i) + new_tokens
+        self.pending_prefill[i] = pend
+        used = self.hb_kv_used.item(i) + (input_tokens + generated)
+        self.hb_kv_used[i] = used
+        pb, pf, pq = self.pb.item(i), self.pf.item(i), self.pq.item(i)
+        pc = self.prefill_corr.item(i)
         if new_tokens:
-            work = self._model_prefill(i, new_tokens, input_tokens + generated - new_tokens)
-            work *= self.prefill_corr.item(i)
+            cached = input_tokens + generated - new_tokens
+            work = pb + pf * new_tokens + pq * new_tokens * (2 * cached + new_tokens)
+            work *= pc
             self._set_busy(i, self._busy_now(i, now) + work / self.busy_window_s, now)
-        batch_state = self._batch_state(i)
-        slack = self._slack(tr, i, now, batch_state)
-        if slack < self.min_slack.item(i):
+        # _batch_state(i)
+        hb = self.hb_running.item(i) + self.hb_waiting.item(i)
+        active = hb if hb > n else n  # max(n, hb)
+        mean_ctx = ctx_t / n if n > 0 else 1024.0
+        total = self.kv_total.item(i)
+        fit = total / (1.0 if 1.0 > mean_ctx else mean_ctx)
+        fit = 1.0 if 1.0 > fit else fit  # max(fit, 1.0)
+        cap = self.max_batch.item(i)
+        lim = cap if cap < fit else fit  # min(fit, max_batch)
+        # _slack(tr, ...): the new request has not started
+        d0, d1, dc = self.d0.item(i), self.d1.item(i), self.dc.item(i)
+        kv = total if total < used else used  # min(used, total)
+        tcorr, st = self.tpot_corr.item(i), self.stretch.item(i)
+        batch = lim if lim < active else active
+        t = (d0 + d1 * batch + dc * kv) * tcorr * st * rem
+        t += (pb + pf * input_tokens + pq * input_tokens * (2 * 0.0 + input_tokens)) * pc
+        slack = float(deadline - now - t)
+        ms = self.min_slack.item(i)
+        if slack < ms:
+            ms = slack
             self.min_slack[i] = slack
             self.rem_at_min[i] = rem
-        self._refresh_load(i, batch_state)
+        # _refresh_load(i, batch state)
+        after = active + 1.0
+        tc = tcorr * st
+        over = after - lim
+        wait = (
+            (0.0 if 0.0 > over else over)  # max(over, 0.0)
+            / lim
+            * (rem_t / (1.0 if 1.0 > n else n))  # max(n, 1.0)
+            * ((d0 + d1 * lim + dc * kv) * tc)
+        )
+        pre = (pb + pf * pend) * pc - (pb if pend > 0 else 0.0)
+        self.q_cache[i] = self.queue_s.item(i) + wait + pre
+        self.d_cache[i] = (d0 + d1 * (lim if lim < after else after) + dc * kv) * tc
+        self.k_ctx[i] = dc * tcorr * st
+        self.guard_slack[i] = math.inf if ms < 0.0 else ms
 
     def _slack(
         self,
