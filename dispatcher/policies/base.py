@@ -196,12 +196,20 @@ def normalize_low_is_good(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     cand = values.compress(mask)
     if cand.size == 0:
         return np.zeros_like(values)
+    return normalize_candidates(cand, mask)
+
+
+def normalize_candidates(cand: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``normalize_low_is_good`` given the candidates' values alone (``values[mask]``): a
+    scorer that derives its values from another vector computes them for these only."""
+    if cand.size == 0:
+        return np.zeros(mask.shape)
     # arg-reductions cost a fifth of min()/max() on a few hundred values; same values
     lo, hi = cand.item(cand.argmin()), cand.item(cand.argmax())
     span = hi - lo
     if not math.isfinite(span) or span <= 0:
         return mask.astype(float)
-    out = np.zeros(values.shape)
+    out = np.zeros(mask.shape)
     np.place(out, mask, (hi - cand) / span)  # only the candidates' values: fewer, cheaper ops
     return out
 
