@@ -480,7 +480,6 @@ class Featurizer:
 
     def extract(
         self,
-        *,
         input_tokens: int,
         task: str,
         model: str | None,
@@ -488,7 +487,8 @@ class Featurizer:
         step: int,
         history: Sequence[float],
     ) -> list[float]:
-        """The full feature vector in ``FEATURE_NAMES`` order."""
+        """The full feature vector in ``FEATURE_NAMES`` order (arguments may be passed by
+        position: the per-request call does, keywords cost more than the work saved)."""
         step_c = min(max(int(step), 0), MAX_STEP)
         feats = [math.log1p(max(int(input_tokens), 0)), float(step_c)]
         # one-hots, text and prior depend on (task, model, prompt) only: memoised with the

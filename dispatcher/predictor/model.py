@@ -412,13 +412,13 @@ class OutputLengthPredictor(_Base):
     # -- features and prediction ---------------------------------------------------------
 
     def features(self, x: PredictorInput) -> list[float]:
-        f = self.featurizer.extract(
-            input_tokens=x.input_tokens,
-            task=x.task,
-            model=x.model,
-            prompt=x.prompt,
-            step=x.step,
-            history=self.history.features(x.task, x.workflow_id, x.step, x.model, x.prompt),
+        f = self.featurizer.extract(  # positional: input_tokens, task, model, prompt, step
+            x.input_tokens,
+            x.task,
+            x.model,
+            x.prompt,
+            x.step,
+            self.history.features(x.task, x.workflow_id, x.step, x.model, x.prompt),
         )
         self._last = (x, f)
         return f
