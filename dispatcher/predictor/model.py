@@ -236,6 +236,9 @@ class _Forest:
         )
         self.feat, self.thr, self.val = feat, thr, val
         self.roots = np.arange(n, dtype=np.intp) * size
+        # the roots' splits, gathered once: every batch starts its walk from them
+        self._root_feat, self._root_thr = feat.take(self.roots), thr.take(self.roots)
+        self._root_left = self.left.take(self.roots)
         self.n_features = int(lmp.get("num_feature", 0))
 
     @staticmethod
@@ -308,8 +311,14 @@ class _Forest:
         flat = x.reshape(-1)
         rowoff = (np.arange(n_rows, dtype=np.intp) * n_feat)[:, None]
         k = np.broadcast_to(self.roots, (n_rows, self.n_trees))
-        for _ in range(self.depth):
-            k = left.take(k) + (flat.take(feat.take(k) + rowoff) >= thr.take(k))
+        if self.depth:  # the first level from the roots' splits (the same nodes)
+            k = self._root_left + (flat.take(self._root_feat + rowoff) >= self._root_thr)
+        for _ in range(self.depth - 1):  # in place: fewer temporaries, the same values
+            f = feat.take(k)
+            f += rowoff
+            c = flat.take(f) >= thr.take(k)
+            k = left.take(k)
+            k += c
         # Contiguous (n_out * n_rows, n_trees): the same pairwise sum as ``margin_row``.
         leaves = np.ascontiguousarray(self.val.take(k, axis=1)).reshape(-1, self.n_trees)
         out: np.ndarray = leaves.sum(axis=-1).reshape(self.n_out, n_rows).T + self.base_score
