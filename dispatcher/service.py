@@ -265,13 +265,13 @@ class DispatcherService:
         self._blackout_until = 0.0
         self._producer: TypedProducer | None = None
         self._inflight: deque[_InFlight] = deque()
+        """Routed batches whose records are enqueued, oldest first, not yet committed."""
         self._batch_lock = asyncio.Lock()
         """Held while a poll is routed and while batches settle: a rebalance waits for it."""
         self._revocation_seq = 0
         self._revocations: deque[tuple[int, frozenset[tuple[str, int]]]] = deque(maxlen=64)
         """Partitions taken away by each rebalance (the last 64, numbered): a poll's records
         from partitions revoked after the poll returned are not routed."""
-        """Routed batches whose records are enqueued, oldest first, not yet committed."""
         self.max_inflight_batches = max_inflight_batches
         self._commit_targets: dict[tuple[str, int], Envelope[AgentRequest]] = {}
         self._committer: asyncio.Task[None] | None = None
@@ -394,8 +394,7 @@ class DispatcherService:
 
     def assigned_partitions(self) -> int:
         """Partitions of the requests topic this replica owns now (0 until the group settles)."""
-        c = self._requests._consumer if self._requests is not None else None
-        return len(c.assignment()) if c is not None else 0
+        return len(self._requests.assigned()) if self._requests is not None else 0
 
     @property
     def owned_partitions(self) -> frozenset[int] | None:
@@ -459,17 +458,20 @@ class DispatcherService:
                 await self._settle_batches(drain=True)
             except GoodServeError as e:  # abandoned and rewound: the next owner redoes it
                 log.warning("dispatcher.settle_on_revoke_failed", error=str(e))
-            gone = [h for h in self.held if (h[0].topic, h[0].partition) in revoked]
-            if gone:
-                for h, _ in gone:
-                    self.seen.discard(h.msg.request_id)
-                self.held = deque(h for h in self.held
-                                  if (h[0].topic, h[0].partition) not in revoked)
-                self.stats.held_now = len(self.held)
+            kept: deque[tuple[Envelope[AgentRequest], float]] = deque()
+            gone = 0
+            for h in self.held:
+                if (h[0].topic, h[0].partition) in revoked:
+                    self.seen.discard(h[0].msg.request_id)
+                    gone += 1
+                else:
+                    kept.append(h)
+            self.held = kept
+            self.stats.held_now = len(kept)
             for k in revoked:
                 self._commit_targets.pop(k, None)
         log.info("dispatcher.partitions_revoked", partitions=sorted(p for _, p in revoked),
-                 held_released=len(gone))
+                 held_released=gone)
 
     async def handle_batch(self, envs: list[Envelope[AgentRequest]]) -> None:
         """Route a batch, wait for its records (and those of batches before it) to be
@@ -544,10 +546,7 @@ class DispatcherService:
                 floor[k] = min(floor.get(k, h.offset), h.offset)
             done = [e for e in done if e.offset < floor.get((e.topic, e.partition), 1 << 62)]
         for e in done:
-            k = (e.topic, e.partition)
-            cur = self._commit_targets.get(k)
-            if cur is None or e.offset > cur.offset:
-                self._commit_targets[k] = e
+            self._aim_commit(e)
         if self._commit_targets and (self._committer is None or self._committer.done()):
             self._committer = asyncio.create_task(self._commit_loop(), name="dispatcher-commit")
 
@@ -567,13 +566,16 @@ class DispatcherService:
                 log.warning("dispatcher.commit_failed", error_code=e.code, error=str(e))
                 mine = self._requests.assigned()  # a partition gone is its next owner's
                 for t in targets:
-                    if (t.topic, t.partition) not in mine:
-                        continue
-                    k = (t.topic, t.partition)
-                    cur = self._commit_targets.get(k)
-                    if cur is None or t.offset > cur.offset:
-                        self._commit_targets[k] = t
+                    if (t.topic, t.partition) in mine:
+                        self._aim_commit(t)
                 return
+
+    def _aim_commit(self, e: Envelope[AgentRequest]) -> None:
+        """The next commit goes past ``e`` unless it already goes further in its partition."""
+        k = (e.topic, e.partition)
+        cur = self._commit_targets.get(k)
+        if cur is None or e.offset > cur.offset:
+            self._commit_targets[k] = e
 
     async def _commit_flush(self) -> None:
         """Wait for the background commit (and for one more of what it left)."""
