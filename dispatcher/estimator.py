@@ -79,6 +79,9 @@ DEFAULT_STALE_AFTER_S = 3.0
 # Per-request contexts (tokens) at which the TPOT plane is fitted to the performance model.
 _FIT_CONTEXT = 512
 _FIT_LONG_CONTEXT = 4096
+# kv_fits_all: the kept room is a rounded difference (within 2**-53 of it relatively), so a
+# need this much below it fits exactly.
+_ROOM_SAFE = 1.0 - 1e-9
 # Prompt lengths at which the prefill curve is fitted (least relative squares).
 _FIT_PROMPTS = (32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0)
 
@@ -217,10 +220,20 @@ class FleetEstimator:
         self.guard_slack = np.full(n, math.inf)
         self._all = np.ones(n, dtype=bool)  # every slot (read-only): a decision's first mask
         self._all.flags.writeable = False
+        # Weights of the products with the coefficient rows (``finish_time``, ``prefill``),
+        # kept and refilled in place: filling four numbers costs a third of a new array's
+        # making, and ``ndarray.dot`` is the same BLAS product as ``@`` at less call cost.
+        self._w_finish = np.ones(len(_COEF_ROWS))
+        self._w_prefill = np.ones(3)
         self._unit_finish = True  # finish_corr is all ones (skip the multiply)
         self._live_version = 0  # bumped whenever last_seen, alive or draining change
         self._usable: tuple[int, float, int, np.ndarray] | None = None
         self._kv_caps: dict[float, np.ndarray] = {}  # kv_cap(share), until a capacity changes
+        # Per share of the cache: a lower bound of every instance's KV room, kv_cap(share) -
+        # hb_kv_used (see kv_fits_all). Lowered as KV is counted; where a heartbeat frees KV
+        # it stays as it is (still a lower bound) and _kv_room_freed asks for a recount.
+        self._kv_room: dict[float, float] = {}
+        self._kv_room_freed = False
 
     # ---------------------------------------------------------------- membership
     def __len__(self) -> int:
@@ -300,6 +313,7 @@ class FleetEstimator:
         self._bind_coef(np.hstack([self._coef, np.zeros((len(_COEF_ROWS), 1))]))
         self._live_version += 1
         self._kv_caps.clear()
+        self._kv_room.clear()
         self._refresh(slot)
         return slot
 
@@ -328,6 +342,33 @@ class FleetEstimator:
             self._kv_caps[share] = cap
         return cap
 
+    def kv_fits_all(self, share: float, need: float) -> bool:
+        """Whether ``need`` more KV tokens fit in ``share`` of every instance's cache, i.e.
+        ``hb_kv_used + need <= kv_cap(share)`` everywhere (kv-headroom then has nothing to
+        remove). A sufficient test, on a kept lower bound of the room: True only where that
+        comparison holds on every instance (the room is what remains before the cap, so the
+        rounded sum stays at most the cap); False may still be all fits (the caller then
+        compares the fleet). The bound is lowered as KV is counted (``assign_slot``, a
+        heartbeat that reports more) and recounted, two vector operations, only when a test
+        fails after some KV was freed: a decision usually pays one scalar comparison.
+        """
+        room = self._kv_room.get(share)
+        if room is None or (self._kv_room_freed and not need <= room * _ROOM_SAFE):
+            self._kv_room_freed = False
+            for sh in {*self._kv_room, share}:
+                cap = self.kv_cap(sh)
+                self._kv_room[sh] = float((cap - self.hb_kv_used).min()) if len(cap) else math.inf
+            room = self._kv_room[share]
+        return room > 0.0 and need <= room * _ROOM_SAFE
+
+    def _kv_used_at(self, i: int, used: float) -> None:
+        """Instance i's KV in use becomes ``used``: lower the kept rooms to its room."""
+        rooms = self._kv_room
+        for sh, room in rooms.items():
+            r = self._kv_caps[sh].item(i) - used
+            if r < room or r != r:  # a NaN room stays NaN: it fails every test
+                rooms[sh] = r
+
     def batch_context(self) -> np.ndarray:
         """KV tokens the running batch attends to: the reported KV in use, at most the cache."""
         return np.minimum(self.hb_kv_used, self.kv_total)
@@ -351,7 +392,10 @@ class FleetEstimator:
         if isinstance(tokens, np.ndarray) or isinstance(cached, np.ndarray):
             return self.pbc + self.pfc * tokens + self.pqc * (tokens * (2.0 * cached + tokens))
         n = float(tokens)
-        return np.array([1.0, n, n * (2.0 * float(cached) + n)]) @ self._prefill_coef
+        w = self._w_prefill  # (1, n, n (2c + n))
+        w[1] = n
+        w[2] = n * (2.0 * float(cached) + n)
+        return w.dot(self._prefill_coef)
 
     def own_context_tpot(self, input_tokens: float, output_tokens: float) -> np.ndarray:
         """What a request's own KV adds to every instance's TPOT (mean context while decoding)."""
@@ -452,8 +496,12 @@ class FleetEstimator:
             m = input_tokens - c
             m = 1.0 if 1.0 > m else m  # max(m, 1.0)
             lo = float(output_tokens)
-            w = np.array([1.0, 1.0, m, m * (2.0 * c + m), lo, lo * (input_tokens + 0.5 * lo)])
-            finish = w @ self._coef
+            w = self._w_finish  # (1, 1, m, m (2c + m), lo, lo (input_tokens + lo / 2))
+            w[2] = m
+            w[3] = m * (2.0 * c + m)
+            w[4] = lo
+            w[5] = lo * (input_tokens + 0.5 * lo)
+            finish = w.dot(self._coef)
         if not self._unit_finish:
             finish = finish * self.finish_corr
         return finish
@@ -674,6 +722,8 @@ class FleetEstimator:
         self.pending_prefill[i] = pend
         used = self.hb_kv_used.item(i) + (input_tokens + generated)
         self.hb_kv_used[i] = used
+        if self._kv_room:
+            self._kv_used_at(i, used)
         pb, pf, pq = self.pb.item(i), self.pf.item(i), self.pq.item(i)
         pc = self.prefill_corr.item(i)
         if new_tokens:
@@ -840,12 +890,18 @@ class FleetEstimator:
             if total != self.kv_total.item(i):
                 self.kv_total[i] = total
                 self._kv_caps.clear()
-            self.hb_kv_used[i] = hb.kv_used_blocks * hb.kv_block_size
+                self._kv_room.clear()
+            used = hb.kv_used_blocks * hb.kv_block_size
         else:
             # no KV gauges (e.g. an HTTP backend): our requests' KV, a typical context for others
             reqs = self.infos[i].requests
             ours = sum(tr.input_tokens + tr.generated for tr in reqs.values())
-            self.hb_kv_used[i] = ours + max(hb.running - len(reqs), 0) * _FIT_CONTEXT
+            used = ours + max(hb.running - len(reqs), 0) * _FIT_CONTEXT
+        if self._kv_room:
+            if used < self.hb_kv_used.item(i):
+                self._kv_room_freed = True  # the kept rooms stay lower bounds
+            self._kv_used_at(i, used)
+        self.hb_kv_used[i] = used
         if hb.tpot_s > 0 and hb.running > 0:
             batch = min(float(hb.running), float(self.max_batch[i]))
             model = self._model_tpot(i, batch) * float(self.stretch[i])

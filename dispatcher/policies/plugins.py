@@ -56,7 +56,10 @@ class KvHeadroom:
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
         need = ctx.input_tokens + ctx.planned_tokens
-        fits = ctx.est.hb_kv_used + need <= ctx.est.kv_cap(self.limit)
+        est = ctx.est
+        if est.kv_fits_all(self.limit, need):
+            return mask  # room on every instance (a kept bound says so): nothing to remove
+        fits = est.hb_kv_used + need <= est.kv_cap(self.limit)
         return np.logical_and(mask, fits, out=fits)
 
 
