@@ -146,10 +146,12 @@ class ProtectsResidents:
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
         est = ctx.est
+        planned = ctx.planned_tokens
         # delay = (d1_tc + own context TPOT) * min(rem_at_min, planned) + prefill, in place
-        delay = est.own_context_tpot(ctx.input_tokens, ctx.planned_tokens)
+        # (the own context TPOT as est.own_context_tpot has it, without the call)
+        delay = est.k_ctx * (ctx.input_tokens + 0.5 * planned)
         delay += est.d1_tc
-        delay *= np.minimum(est.rem_at_min, ctx.planned_tokens)
+        delay *= np.minimum(est.rem_at_min, planned)
         delay += ctx.prefill
         ok = est.guard_slack >= delay  # (min_slack >= delay) | late, in one operation
         return np.logical_and(mask, ok, out=ok)
@@ -185,8 +187,9 @@ class WithinReach:
             return mask
         if ctx.p50 > 0.0 and ctx.p90 > self.max_spread * ctx.p50:
             return mask  # too unsure of the length to call it hopeless
-        q, _, d, _ = ctx.estimates()
         est = ctx.est
+        # the queueing and TPOT of ctx.estimates(), without the prefill and finish it makes
+        q, d = est.q_cache, est.tpot_with(ctx.input_tokens, ctx.planned_tokens)
         idle_tpot = (est.d0 + est.d1) * est.tpot_corr
         busy = (q > self.min_queue_s) | (d > self.busy_tpot_ratio * idle_tpot)
         # busy >= mask: busy, or not a candidate; one False is a candidate with capacity
