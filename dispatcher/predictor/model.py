@@ -198,6 +198,11 @@ class _Forest:
     to each output (one column per quantile; single-output trees fill their group's row).
     Trees are summed along a contiguous last axis, so a row's result does not depend on
     the batch it is evaluated in (replay gets the same bits).
+
+    The walk reads the same nodes level by level: level l's splits in their own arrays,
+    node j of tree t at ``t * 2^l + j``, so a node's children on the next level are ``2k``
+    (x < thr) and ``2k + 1``, and the leaves' values alone (``_leaf_val``, tree t's leaf j
+    at ``t * 2^D + j``). No child table to gather, and a third of the memory to touch.
     """
 
     def __init__(self, booster_json: dict[str, Any]) -> None:
@@ -236,9 +241,15 @@ class _Forest:
         )
         self.feat, self.thr, self.val = feat, thr, val
         self.roots = np.arange(n, dtype=np.intp) * size
-        # the roots' splits, gathered once: every batch starts its walk from them
-        self._root_feat, self._root_thr = feat.take(self.roots), thr.take(self.roots)
-        self._root_left = self.left.take(self.roots)
+        # the walk's layout (see the class): each level's splits, the leaves' values
+        by_tree_f, by_tree_t = feat.reshape(n, size), thr.reshape(n, size)
+        levels = [slice(2**lv - 1, 2 ** (lv + 1) - 1) for lv in range(d)]
+        self._lvl_feat = [np.ascontiguousarray(by_tree_f[:, s]).reshape(-1) for s in levels]
+        self._lvl_thr = [np.ascontiguousarray(by_tree_t[:, s]).reshape(-1) for s in levels]
+        last_level = val.reshape(n_out, n, size)[:, :, 2**d - 1 :]
+        self._leaf_val = np.ascontiguousarray(last_level).reshape(n_out, -1)
+        self._trees = np.arange(n, dtype=np.intp)  # each tree's root on level 0
+        self._trees2 = 2 * self._trees  # their left children on level 1
         self.n_features = int(lmp.get("num_feature", 0))
 
     @staticmethod
@@ -297,30 +308,29 @@ class _Forest:
 
     def margin_row(self, row: np.ndarray) -> np.ndarray:
         """Raw margins of one float32 row, shape (n_out,)."""
-        feat, thr, left = self.feat, self.thr, self.left
-        k = self.roots
-        for _ in range(self.depth):
-            k = left.take(k) + (row.take(feat.take(k)) >= thr.take(k))
-        out: np.ndarray = self.val.take(k, axis=1).sum(axis=-1) + self.base_score
+        k = self._trees
+        for feat, thr in zip(self._lvl_feat, self._lvl_thr, strict=True):
+            k = 2 * k + (row.take(feat.take(k)) >= thr.take(k))
+        out: np.ndarray = self._leaf_val.take(k, axis=1).sum(axis=-1) + self.base_score
         return out
 
     def margin(self, x: np.ndarray) -> np.ndarray:
         """Raw margins, shape (n_rows, n_out); ``x`` is float32 (n_rows, n_features)."""
-        feat, thr, left = self.feat, self.thr, self.left
         n_rows, n_feat = x.shape
         flat = x.reshape(-1)
         rowoff = (np.arange(n_rows, dtype=np.intp) * n_feat)[:, None]
-        k = np.broadcast_to(self.roots, (n_rows, self.n_trees))
-        if self.depth:  # the first level from the roots' splits (the same nodes)
-            k = self._root_left + (flat.take(self._root_feat + rowoff) >= self._root_thr)
-        for _ in range(self.depth - 1):  # in place: fewer temporaries, the same values
-            f = feat.take(k)
+        k = np.broadcast_to(self._trees, (n_rows, self.n_trees))
+        if self.depth:  # level 0 from the roots' splits, which every row shares
+            f0, t0 = self._lvl_feat[0], self._lvl_thr[0]
+            k = self._trees2 + (flat.take(f0 + rowoff) >= t0)
+        for lv in range(1, self.depth):  # in place: fewer temporaries, the same nodes
+            f = self._lvl_feat[lv].take(k)
             f += rowoff
-            c = flat.take(f) >= thr.take(k)
-            k = left.take(k)
+            c = flat.take(f) >= self._lvl_thr[lv].take(k)
+            k += k  # 2k: the left child
             k += c
         # Contiguous (n_out * n_rows, n_trees): the same pairwise sum as ``margin_row``.
-        leaves = np.ascontiguousarray(self.val.take(k, axis=1)).reshape(-1, self.n_trees)
+        leaves = self._leaf_val.take(k, axis=1).reshape(-1, self.n_trees)
         out: np.ndarray = leaves.sum(axis=-1).reshape(self.n_out, n_rows).T + self.base_score
         return out
 
