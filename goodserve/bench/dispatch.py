@@ -251,8 +251,15 @@ async def run_dispatch_bench_processes(
     monitor: bool = True,
     drain_timeout_s: float = 30.0,
     progress: Callable[[str], None] | None = None,
+    broker_pid: int | None = None,
 ) -> dict[str, Any]:
     """As ``run_dispatch_bench`` with the dispatcher and the workers as separate processes.
+
+    ``broker_pid``: the broker's process when it runs on this host; its CPU over the
+    measured window is reported too (``broker_cpu_share``), so that ``total_cpu_share``
+    (broker, dispatcher, workers and this process: everything the bench runs) says how
+    busy the host's cores were, a figure that varies much less from run to run than the
+    latencies do.
 
     ``warmup_s``: after the ``warmup`` requests, this many seconds of requests at ``rps``
     run unmeasured right before the measured ones (same schedule, no pause): the JIT of a
@@ -300,13 +307,15 @@ async def run_dispatch_bench_processes(
             reqs += [_request(f"{prefix}-m", k, output_tokens) for k in range(n)]
             tasks: list[asyncio.Task[AgentRequest]] = []
             lag_max = 0.0
-            cpu_disp0 = cpu_work0 = 0.0
+            cpu_disp0 = cpu_work0 = cpu_broker0 = cpu_client0 = 0.0
             t_start = time.perf_counter()
             t0 = t_start + n_w / rps
             for k, r in enumerate(reqs):
                 due = t_start + k / rps
                 if k == n_w:  # the measured window begins
                     cpu_disp0, cpu_work0 = _cpu_s(dispatcher.pid), _cpu_s(workers.pid)
+                    cpu_broker0 = _cpu_s(broker_pid) if broker_pid else 0.0
+                    cpu_client0 = time.process_time()
                 now = time.perf_counter()
                 if due > now:
                     await asyncio.sleep(due - now)
@@ -318,10 +327,13 @@ async def run_dispatch_bench_processes(
             t_last = time.perf_counter()
             await asyncio.gather(*tasks)
             say(f"sent in {t_last - t0:.2f}s; waiting for the last Assignments")
+            # CPU over the measured window only (the drain that follows is not load)
+            cpu_disp = _cpu_s(dispatcher.pid) - cpu_disp0
+            cpu_work = _cpu_s(workers.pid) - cpu_work0
+            cpu_broker = (_cpu_s(broker_pid) - cpu_broker0) if broker_pid else float("nan")
+            cpu_client = time.process_time() - cpu_client0
+            cpu_wall = time.perf_counter() - t0
             await _until(lambda: counts["measured"] >= n, drain_timeout_s)
-        cpu_disp = _cpu_s(dispatcher.pid) - cpu_disp0
-        cpu_work = _cpu_s(workers.pid) - cpu_work0
-        cpu_wall = time.perf_counter() - t0
     finally:
         if dispatcher is not None and dispatcher.returncode is None:
             dispatcher.terminate()
@@ -373,6 +385,9 @@ async def run_dispatch_bench_processes(
         "dispatcher_cpu_ms_per_request": round(cpu_disp / n * 1e3, 3),
         "dispatcher_cpu_share": round(cpu_disp / cpu_wall, 3),
         "workers_cpu_share": round(cpu_work / cpu_wall, 3),
+        "client_cpu_share": round(cpu_client / cpu_wall, 3),
+        "broker_cpu_share": round(cpu_broker / cpu_wall, 3),
+        "total_cpu_share": round((cpu_disp + cpu_work + cpu_client + cpu_broker) / cpu_wall, 3),
         "backlog_max": int(backlog.max()) if backlog.size else 0,
         "backlog_at_end": int(backlog[-1]) if backlog.size else 0,
         "loadavg_before": [round(x, 2) for x in load_before],

@@ -215,6 +215,11 @@ class ApacheKafkaBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The broker JVM's process id while it runs (benches read its CPU time)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
     # --- config -----------------------------------------------------------------------------
     def _choose_ports(self) -> None:
         if not self._port:

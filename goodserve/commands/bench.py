@@ -118,6 +118,8 @@ def run_dispatch(args: argparse.Namespace) -> int:
                 say(f"Apache Kafka at {kb.bootstrap_servers}")
                 s = Settings.from_env(bootstrap_servers=kb.bootstrap_servers,
                                       partitions=args.partitions)
+                if not args.in_process:
+                    kw["broker_pid"] = kb.pid
                 out = await bench(settings=s, **kw)
                 return {**out, "broker_kind": "apache"}
 
