@@ -682,7 +682,9 @@ class FleetEstimator:
         est_tpot_s: float,
     ) -> None:
         """``on_assign`` by slot, every argument positional (the router's commit: a call
-        with a dozen keywords costs a microsecond more)."""
+        with a dozen keywords costs a microsecond more). ``_kv_used_at``, ``_busy_now``
+        and ``_set_busy`` are inlined (the same arithmetic; the stretch it stores is the
+        one it then uses)."""
         old = self.requests.get(request_id)
         if old is not None:
             self._forget(old)
@@ -722,15 +724,30 @@ class FleetEstimator:
         self.pending_prefill[i] = pend
         used = self.hb_kv_used.item(i) + (input_tokens + generated)
         self.hb_kv_used[i] = used
-        if self._kv_room:
-            self._kv_used_at(i, used)
+        rooms = self._kv_room
+        if rooms:  # _kv_used_at(i, used)
+            for sh, room in rooms.items():
+                r = self._kv_caps[sh].item(i) - used
+                if r < room or r != r:
+                    rooms[sh] = r
         pb, pf, pq = self.pb.item(i), self.pf.item(i), self.pq.item(i)
         pc = self.prefill_corr.item(i)
         if new_tokens:
             cached = input_tokens + generated - new_tokens
             work = pb + pf * new_tokens + pq * new_tokens * (2 * cached + new_tokens)
             work *= pc
-            self._set_busy(i, self._busy_now(i, now) + work / self.busy_window_s, now)
+            # _set_busy(i, _busy_now(i, now) + work / busy_window_s, now)
+            dt = now - self.busy_at.item(i)
+            busy = self.prefill_busy.item(i)
+            if dt > 0:
+                busy = busy * math.exp(-dt / self.busy_window_s)
+            busy += work / self.busy_window_s
+            self.prefill_busy[i] = busy
+            self.busy_at[i] = now
+            st = 1.0 / (1.0 - (_MAX_BUSY if _MAX_BUSY < busy else busy))
+            self.stretch[i] = st
+        else:
+            st = self.stretch.item(i)
         # _batch_state(i)
         hb = self.hb_running.item(i) + self.hb_waiting.item(i)
         active = hb if hb > n else n  # max(n, hb)
@@ -743,7 +760,7 @@ class FleetEstimator:
         # _slack(tr, ...): the new request has not started
         d0, d1, dc = self.d0.item(i), self.d1.item(i), self.dc.item(i)
         kv = total if total < used else used  # min(used, total)
-        tcorr, st = self.tpot_corr.item(i), self.stretch.item(i)
+        tcorr = self.tpot_corr.item(i)
         batch = lim if lim < active else active
         t = (d0 + d1 * batch + dc * kv) * tcorr * st * rem
         t += (pb + pf * input_tokens + pq * input_tokens * (2 * 0.0 + input_tokens)) * pc

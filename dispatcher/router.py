@@ -284,7 +284,9 @@ class Router:
         if req.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be >= 1, got {req.max_tokens}")
         self.counter += 1
-        n_in = input_tokens_of(req)
+        n_in = req.input_tokens
+        if n_in is None:
+            n_in = input_tokens_of(req)
         if cached is None:
             cached = self.prefix_index.match(block_hashes, len(self.est)) if block_hashes else 0.0
         if isinstance(cached, np.ndarray) and not cached.any():
@@ -294,7 +296,10 @@ class Router:
             (predicted,) = self.predict([req], [x])
         feats = predicted.features
         p50, p90, p99 = predicted.p50, predicted.p90, predicted.p99
-        deadline = self.deadline_for(req, now, n_in, p50)
+        if req.workflow_deadline is None or req.workflow_id is None:
+            deadline = deadline_of(req, now, self.default_slo_s)  # (deadline_for's own case)
+        else:
+            deadline = self.deadline_for(req, now, n_in, p50)
         seed = self.decision_seed(req.request_id)
         picker_state = self.policy.state()
         views = self.est.views(now) if self.record_views else None

@@ -20,13 +20,16 @@ from goodserve.dispatcher.estimator import FleetEstimator
 
 PolicyConfig = dict[str, Any]
 
-# np.place's kernel without its dispatch wrapper (half the call's cost; the same writes)
+# np.place's and np.count_nonzero's kernels without their Python wrappers (a few hundred
+# nanoseconds less per call; the same results)
 _place: Any = np.place
+_count_nonzero: Any = np.count_nonzero
 try:
     from numpy._core import multiarray as _multiarray
 
     _place = getattr(_multiarray, "_place", np.place)
-except ImportError:  # numpy 1.x: np.place itself
+    _count_nonzero = getattr(_multiarray, "count_nonzero", np.count_nonzero)
+except ImportError:  # numpy 1.x: the wrappers themselves
     pass
 
 
@@ -90,8 +93,9 @@ class RouteContext:
         else:
             raise KeyError(quantile)
         if self.max_tokens:
-            planned = min(planned, float(self.max_tokens))
-        self.planned_tokens = max(planned, 1.0)
+            cap = float(self.max_tokens)
+            planned = cap if cap < planned else planned  # min(planned, cap)
+        self.planned_tokens = 1.0 if 1.0 > planned else planned  # max(planned, 1.0)
         self.quantile = quantile
         self._estimates = self._finish = None
         self.finish_cap = math.inf
@@ -251,7 +255,7 @@ def argmax_seeded_ties(scores: np.ndarray, mask: np.ndarray, seed: int) -> int:
         s = np.where(mask, scores, -np.inf)
         best = int(s.argmax())
     near = s >= s.item(best) - 1e-12
-    if np.count_nonzero(near) == 1:
+    if _count_nonzero(near) == 1:
         return best  # the usual case: one best, no tie list to build
     ties = np.flatnonzero(near)
     return int(ties[seed % len(ties)])

@@ -289,15 +289,20 @@ class NearBest:
             u = 1.0 - ctx.p50 / tail if 0.0 < ctx.p50 < tail else 0.0
             keep = None if keep is None else keep * u
             region = min(region / u if u > 0.0 else math.inf, self.max_region)
+        # (min and max of two numbers as conditional expressions: what the builtins return)
         bound = math.inf
-        if keep is not None and math.isfinite(ctx.deadline_in):
-            bound = ctx.deadline_in - keep * max(ctx.deadline_in - best, 0.0)
+        left = ctx.deadline_in
+        if keep is not None and math.isfinite(left):
+            spare = left - best
+            bound = left - keep * (0.0 if 0.0 > spare else spare)  # max(spare, 0.0)
         if math.isfinite(region):
-            bound = min(bound, (1.0 + region) * best)
+            cap = (1.0 + region) * best
+            bound = cap if cap < bound else bound  # min(bound, cap)
         if not math.isfinite(bound):
             return mask
-        limit = max(bound, best)
-        ctx.finish_cap = min(ctx.finish_cap, limit)
+        limit = best if best > bound else bound  # max(bound, best)
+        if limit < ctx.finish_cap:  # min(finish_cap, limit)
+            ctx.finish_cap = limit
         near = f <= limit
         return near if whole else np.logical_and(mask, near, out=near)
 
