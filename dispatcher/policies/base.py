@@ -215,9 +215,12 @@ def normalize_low_is_good(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return normalize_candidates(cand, mask)
 
 
-def normalize_candidates(cand: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def normalize_candidates(
+    cand: np.ndarray, mask: np.ndarray, scalar: np.ndarray | None = None
+) -> np.ndarray:
     """``normalize_low_is_good`` given the candidates' values alone (``values[mask]``): a
-    scorer that derives its values from another vector computes them for these only."""
+    scorer that derives its values from another vector computes them for these only.
+    ``scalar``: a 0-d scratch array to pass the numbers in (``FleetEstimator.scalar``)."""
     if cand.size == 0:
         return np.zeros(mask.shape)
     # arg-reductions cost a fifth of min()/max() on a few hundred values; same values
@@ -225,8 +228,14 @@ def normalize_candidates(cand: np.ndarray, mask: np.ndarray) -> np.ndarray:
     span = hi - lo
     if not math.isfinite(span) or span <= 0:
         return mask.astype(float)
-    vals = hi - cand
-    vals /= span  # (hi - cand) / span, in the new array
+    if scalar is None:
+        vals = hi - cand
+        vals /= span  # (hi - cand) / span, in the new array
+    else:
+        scalar[()] = hi
+        vals = scalar - cand
+        scalar[()] = span
+        vals /= scalar
     out = np.zeros(mask.shape)
     _place(out, mask, vals)  # only the candidates' values: fewer, cheaper ops
     return out
@@ -242,19 +251,26 @@ def argmax_random_ties(scores: np.ndarray, mask: np.ndarray, rng: random.Random)
     return int(ties[rng.randrange(len(ties))])
 
 
-def argmax_seeded_ties(scores: np.ndarray, mask: np.ndarray, seed: int) -> int:
+def argmax_seeded_ties(
+    scores: np.ndarray, mask: np.ndarray, seed: int, scalar: np.ndarray | None = None
+) -> int:
     """Like argmax_random_ties, the tie drawn from the decision's hashed seed (no RNG object).
 
     Scorers give 0 outside the mask, so when the best score overall is a candidate's and
     positive, no other instance comes within the tie tolerance of it: the scores need no
-    masking (the same pick, one vector operation fewer).
+    masking (the same pick, one vector operation fewer). ``scalar``: as in
+    ``normalize_candidates``.
     """
     s = scores
     best = int(s.argmax())
     if not (mask.item(best) and s.item(best) > 1e-12):
         s = np.where(mask, scores, -np.inf)
         best = int(s.argmax())
-    near = s >= s.item(best) - 1e-12
+    if scalar is None:
+        near = s >= s.item(best) - 1e-12
+    else:
+        scalar[()] = s.item(best) - 1e-12
+        near = s >= scalar
     if _count_nonzero(near) == 1:
         return best  # the usual case: one best, no tie list to build
     ties = np.flatnonzero(near)

@@ -149,9 +149,12 @@ class ProtectsResidents:
         planned = ctx.planned_tokens
         # delay = (d1_tc + own context TPOT) * min(rem_at_min, planned) + prefill, in place
         # (the own context TPOT as est.own_context_tpot has it, without the call)
-        delay = est.k_ctx * (ctx.input_tokens + 0.5 * planned)
+        z = est.scalar
+        z[()] = ctx.input_tokens + 0.5 * planned
+        delay = est.k_ctx * z
         delay += est.d1_tc
-        delay *= np.minimum(est.rem_at_min, planned)
+        z[()] = planned
+        delay *= np.minimum(est.rem_at_min, z)
         delay += ctx.prefill
         ok = est.guard_slack >= delay  # (min_slack >= delay) | late, in one operation
         return np.logical_and(mask, ok, out=ok)
@@ -303,7 +306,9 @@ class NearBest:
         limit = best if best > bound else bound  # max(bound, best)
         if limit < ctx.finish_cap:  # min(finish_cap, limit)
             ctx.finish_cap = limit
-        near = f <= limit
+        z = ctx.est.scalar
+        z[()] = limit
+        near = f <= z
         return near if whole else np.logical_and(mask, near, out=near)
 
 
@@ -360,7 +365,9 @@ class JustEnough:
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
         # the slack (deadline - finish) of the candidates only: the same values, fewer ops
-        return normalize_candidates(ctx.deadline_in - ctx.finish.compress(mask), mask)
+        z = ctx.est.scalar
+        z[()] = ctx.deadline_in
+        return normalize_candidates(z - ctx.finish.compress(mask), mask, z)
 
 
 @dataclass(slots=True)
@@ -436,7 +443,7 @@ class MaxScore:
     stateful = False
 
     def pick(self, ctx: RouteContext, scores: np.ndarray, mask: np.ndarray) -> int:
-        return argmax_seeded_ties(scores, mask, ctx.seed)
+        return argmax_seeded_ties(scores, mask, ctx.seed, ctx.est.scalar)
 
     def state(self) -> dict[str, int]:
         return {}
