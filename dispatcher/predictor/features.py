@@ -489,11 +489,16 @@ class Featurizer:
     ) -> list[float]:
         """The full feature vector in ``FEATURE_NAMES`` order (arguments may be passed by
         position: the per-request call does, keywords cost more than the work saved)."""
-        step_c = min(max(int(step), 0), MAX_STEP)
-        feats = [math.log1p(max(int(input_tokens), 0)), float(step_c)]
+        # (min and max of two numbers as conditional expressions: what the builtins return)
+        step_c = int(step)
+        step_c = 0 if 0 > step_c else step_c
+        step_c = MAX_STEP if MAX_STEP < step_c else step_c
+        n = int(input_tokens)
+        feats = [math.log1p(0 if 0 > n else n), float(step_c)]
         # one-hots, text and prior depend on (task, model, prompt) only: memoised with the
         # prompt's text features (clearing the text memo clears these too)
-        mids = self._entry(prompt or "")[4]
+        hit = self._cache.get(prompt or "")  # _entry's memo, without the call on a hit
+        mids = (hit if hit is not None else self._entry(prompt or ""))[4]
         mid = mids.get((task, model))
         if mid is None:
             onehot = [0.0] * (len(TASKS) + MODEL_BUCKETS)
@@ -539,9 +544,10 @@ class History:
         model: str | None = None,
         prompt: str | None = None,
     ) -> list[float]:
-        tb = task_bucket(task)
+        tb = task if task in TASK_INDEX else "other"  # task_bucket(task)
         wf = self._wf.get((task, workflow_id)) if workflow_id is not None else None
-        st = self._step.get((tb, min(max(step, 0), MAX_STEP)))
+        step_c = 0 if 0 > step else step  # min(max(step, 0), MAX_STEP)
+        st = self._step.get((tb, MAX_STEP if MAX_STEP < step_c else step_c))
         mo = self._model.get((tb, model or "default"))
         out = (
             [wf[0], math.log1p(wf[1]), wf[2]] if wf is not None else [NO_HISTORY, 0.0, NO_HISTORY]

@@ -493,10 +493,10 @@ class OutputLengthPredictor(_Base):
             margins = (self._forest.margin(x) + self._task_offsets[tasks]).tolist()
         out = []
         expm1 = math.expm1
-        for a, b, c in margins:
-            a = max(a, 0.0)
-            b = max(b, a)
-            c = max(c, b)
+        for a, b, c in margins:  # max(a, 0.0), max(b, a), max(c, b), without the calls
+            a = 0.0 if 0.0 > a else a
+            b = a if a > b else b
+            c = b if b > c else c
             out.append(LengthPrediction(expm1(a), expm1(b), expm1(c)))
         return out
 
