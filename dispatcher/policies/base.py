@@ -207,12 +207,15 @@ def none_left(mask: np.ndarray) -> bool:
     return mask.size == 0 or not mask[mask.argmax()]
 
 
-def normalize_low_is_good(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Map values to [0, 1] over the candidates, 1 for the lowest (llm-d's scorer range)."""
+def normalize_low_is_good(
+    values: np.ndarray, mask: np.ndarray, scalar: np.ndarray | None = None
+) -> np.ndarray:
+    """Map values to [0, 1] over the candidates, 1 for the lowest (llm-d's scorer range).
+    ``scalar``: as in ``normalize_candidates``."""
     cand = values.compress(mask)
     if cand.size == 0:
         return np.zeros_like(values)
-    return normalize_candidates(cand, mask)
+    return normalize_candidates(cand, mask, scalar)
 
 
 def normalize_candidates(
@@ -324,10 +327,13 @@ class Policy:
             masks.append(mask)
         ctx.finish_cap = math.inf  # it describes this chain's masks only
         if none_left(mask):
-            emptied = next(
-                (f.name for f, m in zip(self.filters, masks, strict=True) if none_left(m)),
-                "no instance",
-            )
+            emptied, prev = "no instance", None
+            for f, m in zip(self.filters, masks, strict=True):
+                # a filter that handed its mask on as it was emptied nothing: not compared
+                if m is not prev and none_left(m):
+                    emptied = f.name
+                    break
+                prev = m
             if self.fallback is not None:
                 slot, fmask, fscores, how = self.fallback.select(ctx)
                 return slot, fmask, fscores, f"{self.name}: {emptied} left none; {how}"

@@ -377,7 +377,7 @@ class EarliestFinish:
     name: str = "earliest-finish"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
-        return normalize_low_is_good(ctx.finish, mask)
+        return normalize_low_is_good(ctx.finish, mask, ctx.est.scalar)
 
 
 @dataclass(slots=True)
