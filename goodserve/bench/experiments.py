@@ -93,6 +93,77 @@ def azure_slo_scales(
     return out
 
 
+SWEEP_RATES = {"conv": [2.0, 4.0, 6.0, 8.0, 10.0], "code": [0.5, 1.0, 2.0, 3.0]}
+SWEEP_POLICIES = ["goodserve", "fastest-first", "least-kv", "least-request"]
+
+
+def azure_load_sweep(
+    limit: int = 1500,
+    rates: dict[str, list[float]] | None = None,
+    iters: int = 6,
+    predictor: str = "xgb",
+    policies: list[str] | None = None,
+) -> dict[str, Any]:
+    """SLO scale needed for 95% / 99% attainment as the Azure traces' rate is scaled up.
+
+    The fixed-rate table answers at one load; this shows where just-enough routing gains
+    on the fastest GPU first and where it does not. The deadlines of these traces are
+    ``scale x`` each request's own time alone on the fastest GPU: at light load nearly
+    every request needs a fast GPU and fastest-first is the bar; as the rate grows, the
+    fast GPUs' queues decide. Keys ``<trace>/<rate>/<target>`` -> policy -> scale.
+    """
+    rates = rates or SWEEP_RATES
+    pols = policies or SWEEP_POLICIES
+    fleet = builtin_fleet("mixed8")
+    pred, hint = PREDICTORS[predictor]
+    out: dict[str, Any] = {}
+    for kind, scales in rates.items():
+        for rate in scales:
+            trace = convert_azure(
+                _traces_dir() / f"AzureLLMInferenceTrace_{kind}.csv", rate_scale=rate, limit=limit
+            )
+            for target in (0.95, 0.99):
+                row: dict[str, Any] = {}
+                for pol in pols:
+                    cfg = SimConfig(policy=pol, predictor=pred, hint_error=hint)
+                    res = slo_scale_for(fleet, trace, cfg, target, iters=iters)
+                    row[pol] = None if res["slo_scale"] is None else round(res["slo_scale"], 3)
+                base = [v for k, v in row.items() if k != "goodserve" and v is not None]
+                if row.get("goodserve") is not None and base:
+                    row["reduction_vs_best_baseline"] = round(1 - row["goodserve"] / min(base), 3)
+                out[f"{kind}/{rate:g}/{target}"] = row
+                log(f"azure sweep {kind} x{rate:g} {target}: {row}")
+    return out
+
+
+def plot_azure_sweep(sweep: dict[str, Any], path: Path) -> None:
+    """One panel per trace and target: SLO scale needed against the rate scale."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({k.split("/")[0] for k in sweep})
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(10, 3.6 * len(kinds)), squeeze=False)
+    for r, kind in enumerate(kinds):
+        for c, target in enumerate(("0.95", "0.99")):
+            ax = axes[r][c]
+            keys = [k for k in sweep if k.startswith(f"{kind}/") and k.endswith(f"/{target}")]
+            keys.sort(key=lambda k: float(k.split("/")[1]))
+            x = [float(k.split("/")[1]) for k in keys]
+            pols = [p for p in sweep[keys[0]] if p != "reduction_vs_best_baseline"]
+            for p in pols:
+                y = [sweep[k][p] if sweep[k][p] is not None else float("nan") for k in keys]
+                ax.plot(x, y, marker="o", lw=2.2 if p == "goodserve" else 1.2, label=p)
+            ax.set(xlabel="rate scale (x the trace's own rate)", ylabel="SLO scale needed",
+                   title=f"Azure {kind}: {float(target):.0%} attainment", yscale="log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def workflows() -> dict[str, Any]:
     fleet = builtin_fleet("mixed8")
     out: dict[str, Any] = {}
@@ -181,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--azure-limit", type=int, default=1500)
     ap.add_argument("--azure-iters", type=int, default=8)
     ap.add_argument("--azure-predictors", default="noisy-30%,xgb")
+    ap.add_argument("--sweep-plot", type=Path, default=Path("docs/azure-load-sweep.png"),
+                    help="where --only azure-sweep draws its plot")
     args = ap.parse_args(argv)
     if args.from_json:
         print(to_markdown(json.loads(args.from_json.read_text())))
@@ -200,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             args.azure_iters,
             args.azure_predictors.split(","),
         )
+    if "azure-sweep" in parts:
+        res["azure_load_sweep"] = azure_load_sweep(args.azure_limit)
+        plot_azure_sweep(res["azure_load_sweep"], args.sweep_plot)
+        log(f"plot: {args.sweep_plot}")
     if args.markdown:
         args.markdown.write_text(to_markdown(res))
     text = json.dumps(res, indent=2)
@@ -260,6 +337,27 @@ def to_markdown(res: dict[str, Any]) -> str:
             lines.append(
                 f"| {k} | "
                 + " | ".join(str(row[p]) for p in pols)
+                + f" | {'-' if red is None else f'{-red * 100:+.0f}%'} |"
+            )
+        lines.append("")
+    if "azure_load_sweep" in res:
+        sweep = res["azure_load_sweep"]
+        lines += [
+            "### SLO scale needed as the Azure traces' rate grows (xgb lengths)",
+            "",
+            "First 1,500 requests, `mixed8` fleet, 6 bisection steps. Plot: "
+            "`docs/azure-load-sweep.png`.",
+            "",
+        ]
+        first = next(iter(sweep.values()))
+        pols = [p for p in first if p != "reduction_vs_best_baseline"]
+        lines.append("| trace / rate / target | " + " | ".join(pols) + " | goodserve vs best |")
+        lines.append("|---" * (len(pols) + 2) + "|")
+        for k, row in sweep.items():
+            red = row.get("reduction_vs_best_baseline")
+            lines.append(
+                f"| {k} | "
+                + " | ".join(str(row.get(p)) for p in pols)
                 + f" | {'-' if red is None else f'{-red * 100:+.0f}%'} |"
             )
         lines.append("")
