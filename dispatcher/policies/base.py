@@ -64,6 +64,10 @@ class RouteContext:
     """While a policy's filters run: every candidate left finishes by this (``finish``).
     A filter that bounds the finish lowers it; a looser bound after it has nothing to
     remove and returns the mask as it is, without comparing the fleet again."""
+    finish_floor: float = -math.inf
+    """While a policy's filters run: every candidate left finishes no earlier than this
+    (near-best sets it to the best candidate's finish; later filters only remove). A
+    finish bound below it leaves no candidate: the filters after it need not compare."""
     _estimates: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
     _finish: np.ndarray | None = None
     _prefill: np.ndarray | None = None
@@ -99,6 +103,7 @@ class RouteContext:
         self.quantile = quantile
         self._estimates = self._finish = None
         self.finish_cap = math.inf
+        self.finish_floor = -math.inf
 
     def estimates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(queue, prefill, tpot, finish) per instance, computed once per decision."""
@@ -321,11 +326,12 @@ class Policy:
         # Filters take an empty mask in their stride (an empty mask stays empty), so the
         # chain is checked once at its end; only then is the filter that emptied it named.
         masks = []
-        ctx.finish_cap = math.inf
+        ctx.finish_cap, ctx.finish_floor = math.inf, -math.inf
         for f in self.filters:
             mask = f(ctx, mask)
             masks.append(mask)
-        ctx.finish_cap = math.inf  # it describes this chain's masks only
+        # they describe this chain's masks only
+        ctx.finish_cap, ctx.finish_floor = math.inf, -math.inf
         if none_left(mask):
             emptied, prev = "no instance", None
             for f, m in zip(self.filters, masks, strict=True):

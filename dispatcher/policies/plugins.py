@@ -85,6 +85,8 @@ class MeetsDeadline:
         if limit >= ctx.finish_cap:
             return mask  # every candidate left already finishes by then (near-best)
         ctx.finish_cap = min(ctx.finish_cap, limit)
+        if limit < ctx.finish_floor:  # every candidate left finishes later: none meets it
+            return np.zeros(mask.shape, dtype=bool)
         meets = ctx.finish <= limit
         return np.logical_and(mask, meets, out=meets)
 
@@ -145,6 +147,8 @@ class ProtectsResidents:
     name: str = "protects-residents"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        if ctx.finish_cap < ctx.finish_floor:
+            return mask  # a finish bound below every candidate's finish left none
         est = ctx.est
         planned = ctx.planned_tokens
         # delay = (d1_tc + own context TPOT) * min(rem_at_min, planned) + prefill, in place
@@ -286,6 +290,8 @@ class NearBest:
         if not cand.size:
             return mask
         best = cand.item(cand.argmin())
+        if best > ctx.finish_floor:
+            ctx.finish_floor = best  # no candidate finishes earlier
         keep, region = self.keep_slack, self.trust_region
         if self.by_spread:
             tail = ctx.p99 if ctx.p99 > 0.0 else ctx.p90
