@@ -937,7 +937,6 @@ class FleetEstimator:
         self.tpot_corr[j] = corr
         self.tpot_corr_mid[j] = corr
         self.tpot_corr_base[j] = corr
-        self.tpot_prior[j] = corr
 
     def on_heartbeat(self, hb: Heartbeat, *, now: float | None = None) -> None:
         """Refresh an instance from its heartbeat (unknown instances are registered)."""

@@ -16,21 +16,11 @@ import numpy as np
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.policies.base import RouteContext
 from goodserve.dispatcher.router import Router
-from goodserve.schemas import AgentRequest, Heartbeat
+from goodserve.schemas import AgentRequest
+
+from goodserve.testing.snapshots import VaryingLengths, beat_all
 
 GPUS = ["H100", "A100", "A40", "L40S", "V100", "L4"]
-
-
-class _Predictor:
-    version = "test"
-
-    def features(self, x: object) -> list[float]:
-        return [float(getattr(x, "input_tokens", 0))]
-
-    def predict(self, x: object) -> object:
-        n = int(getattr(x, "input_tokens", 100))
-        p50 = 40.0 + (n * 37) % 460
-        return type("P", (), {"p50": p50, "p90": p50 * 1.4, "p99": 0.0})()
 
 
 def _plain(name: str, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
@@ -62,24 +52,13 @@ def test_each_filter_of_the_chain_gives_the_plain_mask() -> None:
     est = FleetEstimator()
     for i in range(24):
         est.add_instance(f"i{i}", gpu=GPUS[i % len(GPUS)], now=0.0, alive=True)
-    router = Router(estimator=est, predictor=_Predictor(), policy="goodserve", seed=2)
+    router = Router(estimator=est, predictor=VaryingLengths(1.4), policy="goodserve", seed=2)
     policy = router.policy
     emptied_by_meets = skipped_meets = 0
     for k in range(600):
         now = k * 0.05
         if k % 20 == 0:
-            for i, info in enumerate(est.infos):
-                est.on_heartbeat(
-                    Heartbeat(
-                        instance_id=info.instance_id,
-                        gpu=info.gpu,
-                        model=info.model,
-                        engine="test",
-                        at=now,
-                        running=int(est.n_active[i]),
-                    ),
-                    now=now,
-                )
+            beat_all(est, now)
         req = AgentRequest(
             request_id=f"r{k}",
             input_tokens=rng.randint(20, 3000),
@@ -87,7 +66,7 @@ def test_each_filter_of_the_chain_gives_the_plain_mask() -> None:
             arrival=now,
             slo_s=rng.choice([0.05, 0.3, 1.0, 3.0, 10.0, 60.0]) * rng.uniform(0.5, 1.5),
         )
-        p = _Predictor().predict(req)
+        p = VaryingLengths(1.4).predict(req)
         ctx = RouteContext(
             est, now, req.input_tokens, 0.0, float(req.slo_s or 0.0), "default", 0, p.p50, p.p90
         )

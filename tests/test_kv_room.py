@@ -17,21 +17,11 @@ from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.policies.base import RouteContext
 from goodserve.dispatcher.policies.plugins import KvHeadroom
 from goodserve.dispatcher.router import Router
-from goodserve.schemas import AgentRequest, Heartbeat
+from goodserve.schemas import AgentRequest
+
+from goodserve.testing.snapshots import VaryingLengths, beat_all
 
 GPUS = ["H100", "A100", "L4", "V100"]
-
-
-class _Predictor:
-    version = "test"
-
-    def features(self, x: object) -> list[float]:
-        return [float(getattr(x, "input_tokens", 0))]
-
-    def predict(self, x: object) -> object:
-        n = int(getattr(x, "input_tokens", 100))
-        p50 = 40.0 + (n * 37) % 460
-        return type("P", (), {"p50": p50, "p90": p50 * 1.5, "p99": 0.0})()
 
 
 def _plain_fits(est: FleetEstimator, need: float, share: float) -> np.ndarray:
@@ -44,30 +34,21 @@ def test_kv_headroom_removes_what_the_plain_comparison_removes() -> None:
     est = FleetEstimator()
     for i in range(n):
         est.add_instance(f"i{i}", gpu=GPUS[i % len(GPUS)], now=0.0, alive=True)
-    router = Router(estimator=est, predictor=_Predictor(), policy="goodserve", seed=1)
+    router = Router(estimator=est, predictor=VaryingLengths(1.5), policy="goodserve", seed=1)
     kv = KvHeadroom(limit=0.98)
     total_blocks = [rng.randint(200, 600) for _ in range(n)]
     fast = slow = fits_all = 0
     for k in range(1500):
         now = k * 0.01
         if k % 20 == 0:  # heartbeats: KV in use goes up and down, capacities now and then
-            for i, info in enumerate(est.infos):
+
+            def kv_gauges(i: int) -> dict[str, int]:
                 if rng.random() < 0.05:
                     total_blocks[i] = rng.randint(200, 600)
-                used = rng.randint(0, total_blocks[i])
-                est.on_heartbeat(
-                    Heartbeat(
-                        instance_id=info.instance_id,
-                        gpu=info.gpu,
-                        model=info.model,
-                        engine="test",
-                        at=now,
-                        running=int(est.n_active[i]),
-                        kv_total_blocks=total_blocks[i],
-                        kv_used_blocks=used,
-                    ),
-                    now=now,
-                )
+                return {"kv_total_blocks": total_blocks[i],
+                        "kv_used_blocks": rng.randint(0, total_blocks[i])}
+
+            beat_all(est, now, own=kv_gauges)
         for need in (1.0, 50.5, 400.0, 2000.0, 6000.25):
             plain = _plain_fits(est, need, 0.98)
             said = est.kv_fits_all(0.98, need)

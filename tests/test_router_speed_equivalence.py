@@ -19,23 +19,11 @@ import pytest
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.policies.base import RouteContext
 from goodserve.dispatcher.router import Router
-from goodserve.schemas import AgentRequest, Heartbeat
+from goodserve.schemas import AgentRequest
+
+from goodserve.testing.snapshots import VaryingLengths, beat_all
 
 GPUS = ["H100", "A100", "A40", "L40S", "V100", "H200", "A800", "L4"]
-
-
-class _Predictor:
-    """Deterministic lengths that vary by request (no model file needed)."""
-
-    version = "test"
-
-    def features(self, x: object) -> list[float]:
-        return [float(getattr(x, "input_tokens", 0))]
-
-    def predict(self, x: object) -> object:
-        n = int(getattr(x, "input_tokens", 100))
-        p50 = 40.0 + (n * 37) % 460
-        return type("P", (), {"p50": p50, "p90": p50 * (1.2 + (n % 7) / 10.0), "p99": 0.0})()
 
 
 def _plain_select(ctx: RouteContext) -> tuple[int | None, np.ndarray, np.ndarray]:
@@ -80,24 +68,14 @@ def test_fast_core_decides_as_the_plain_formulas(n_instances: int) -> None:
     est = FleetEstimator()
     for i in range(n_instances):
         est.add_instance(f"i{i}", gpu=GPUS[i % len(GPUS)], now=0.0, alive=True)
-    router = Router(estimator=est, predictor=_Predictor(), policy="goodserve", seed=3)
+    lengths = VaryingLengths(lambda n: 1.2 + (n % 7) / 10.0)
+    router = Router(estimator=est, predictor=lengths, policy="goodserve", seed=3)
     compared = 0
     for k in range(900):
         now = k * 1.0 / n_instances  # about as loaded whatever the size
         if k % 25 == 0:  # heartbeats: one instance draining now and then (not all usable)
-            for i, info in enumerate(est.infos):
-                est.on_heartbeat(
-                    Heartbeat(
-                        instance_id=info.instance_id,
-                        gpu=info.gpu,
-                        model=info.model,
-                        engine="test",
-                        at=now,
-                        running=int(est.n_active[i]),
-                        draining=(k // 25) % 3 == 0 and i == k % n_instances,
-                    ),
-                    now=now,
-                )
+            draining = k % n_instances if (k // 25) % 3 == 0 else -1
+            beat_all(est, now, own=lambda i, d=draining: {"draining": i == d})
         req = AgentRequest(
             request_id=f"r{k}",
             input_tokens=rng.randint(20, 3000),

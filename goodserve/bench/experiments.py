@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from goodserve.sim.azure import convert_azure
-from goodserve.sim.fleet import builtin_fleet
+from goodserve.sim.fleet import Fleet, builtin_fleet
 from goodserve.sim.simulator import SimConfig, simulate, slo_scale_for
 from goodserve.sim.synth import synthesize, synthesize_workflows
+from goodserve.sim.trace import TraceRow
 
 LB = ["round-robin", "random", "least-request", "least-kv", "power-of-two"]
 ADAPTIVE = ["goodserve-adaptive"]
@@ -65,6 +66,23 @@ def figure2(n: int = 600) -> dict[str, Any]:
     return out
 
 
+def _slo_scale_row(
+    fleet: Fleet, trace: list[TraceRow], pols: list[str], pred: str, hint: float | None,
+    target: float, iters: int,
+) -> dict[str, Any]:
+    """The SLO scale each policy needs for ``target`` attainment, and how much less
+    ``goodserve`` needs than the best policy that is not one of GoodServe's."""
+    row: dict[str, Any] = {}
+    for pol in pols:
+        cfg = SimConfig(policy=pol, predictor=pred, hint_error=hint)
+        res = slo_scale_for(fleet, trace, cfg, target, iters=iters)
+        row[pol] = None if res["slo_scale"] is None else round(res["slo_scale"], 3)
+    base = [v for k, v in row.items() if not k.startswith("goodserve") and v is not None]
+    if row.get("goodserve") is not None and base:
+        row["reduction_vs_best_baseline"] = round(1 - row["goodserve"] / min(base), 3)
+    return row
+
+
 def azure_slo_scales(
     limit: int, rate_scale: dict[str, float], iters: int, preds: list[str]
 ) -> dict[str, Any]:
@@ -78,16 +96,8 @@ def azure_slo_scales(
         for pname in preds:
             pred, hint = PREDICTORS[pname]
             for target in (0.95, 0.99):
-                row: dict[str, Any] = {}
-                for pol in ["goodserve", *ADAPTIVE, "goodserve-packed", "fastest-first", *LB]:
-                    cfg = SimConfig(policy=pol, predictor=pred, hint_error=hint)
-                    res = slo_scale_for(fleet, trace, cfg, target, iters=iters)
-                    row[pol] = None if res["slo_scale"] is None else round(res["slo_scale"], 3)
-                base = [
-                    v for k, v in row.items() if not k.startswith("goodserve") and v is not None
-                ]
-                if row["goodserve"] is not None and base:
-                    row["reduction_vs_best_baseline"] = round(1 - row["goodserve"] / min(base), 3)
+                pols = ["goodserve", *ADAPTIVE, "goodserve-packed", "fastest-first", *LB]
+                row = _slo_scale_row(fleet, trace, pols, pred, hint, target, iters)
                 out[f"{kind}/{pname}/{target}"] = row
                 log(f"azure {kind} {pname} {target}: {row}")
     return out
@@ -123,14 +133,7 @@ def azure_load_sweep(
                 _traces_dir() / f"AzureLLMInferenceTrace_{kind}.csv", rate_scale=rate, limit=limit
             )
             for target in (0.95, 0.99):
-                row: dict[str, Any] = {}
-                for pol in pols:
-                    cfg = SimConfig(policy=pol, predictor=pred, hint_error=hint)
-                    res = slo_scale_for(fleet, trace, cfg, target, iters=iters)
-                    row[pol] = None if res["slo_scale"] is None else round(res["slo_scale"], 3)
-                base = [v for k, v in row.items() if k != "goodserve" and v is not None]
-                if row.get("goodserve") is not None and base:
-                    row["reduction_vs_best_baseline"] = round(1 - row["goodserve"] / min(base), 3)
+                row = _slo_scale_row(fleet, trace, pols, pred, hint, target, iters)
                 out[f"{kind}/{rate:g}/{target}"] = row
                 log(f"azure sweep {kind} x{rate:g} {target}: {row}")
     return out

@@ -22,7 +22,8 @@ import numpy as np
 
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.router import Router
-from goodserve.schemas import AgentRequest, Heartbeat
+from goodserve.schemas import AgentRequest
+from goodserve.testing.snapshots import beat_all
 
 GPU_MIX = ["H100", "A100", "A40", "L40S", "V100", "H200", "A800", "L4"]
 PROMPTS = [
@@ -78,19 +79,7 @@ def run_router_bench(
             _, rid = heapq.heappop(ends)
             est.on_finish(rid, now=now)
         if now >= next_hb:
-            for i, info in enumerate(est.infos):
-                est.on_heartbeat(
-                    Heartbeat(
-                        instance_id=info.instance_id,
-                        gpu=info.gpu,
-                        model=info.model,
-                        engine="bench",
-                        at=now,
-                        running=int(est.n_active[i]),
-                        max_batch=256,
-                    ),
-                    now=now,
-                )
+            beat_all(est, now, engine="bench", max_batch=256)
             next_hb += hb_period
         if batch > 1:
             if not pending:  # the poll that brings this request brings the next ones too

@@ -26,8 +26,8 @@ async def serve_until_signal(start: Callable[[], Awaitable[Any]],
         try:
             loop.add_signal_handler(sig, done.set)
             handled.append(sig)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
-            pass
+        except (NotImplementedError, RuntimeError):
+            pass  # no loop signal handlers (Windows, a non-main thread): Ctrl-C still stops it
     memory_tasks = service_memory_tasks()
     try:
         await start()

@@ -9,6 +9,10 @@ else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.schemas import Heartbeat, RequestProgress
 
@@ -80,3 +84,53 @@ def beat(
     )
     est.on_heartbeat(hb)
     return hb
+
+
+def beat_all(
+    est: FleetEstimator,
+    now: float,
+    *,
+    engine: str = "test",
+    own: Callable[[int], dict[str, Any]] | None = None,
+    **fields: Any,
+) -> None:
+    """Fold one heartbeat per instance into ``est`` at ``now``, each reporting its
+    outstanding requests as running: the heartbeat round of a loaded-fleet loop.
+
+    ``fields`` go into every heartbeat; ``own(slot)`` adds that instance's own (called
+    once per instance, in slot order).
+    """
+    for i, info in enumerate(est.infos):
+        est.on_heartbeat(
+            Heartbeat(
+                instance_id=info.instance_id,
+                gpu=info.gpu,
+                model=info.model,
+                engine=engine,
+                at=now,
+                running=int(est.n_active[i]),
+                **fields,
+                **(own(i) if own is not None else {}),
+            ),
+            now=now,
+        )
+
+
+class VaryingLengths:
+    """A predictor stand-in whose lengths vary by request, with no model file:
+    P50 = 40 + (37 n mod 460) tokens for an ``n``-token prompt, P90 = P50 x ``spread(n)``
+    (or a fixed ``spread``), no P99."""
+
+    version = "test"
+
+    def __init__(self, spread: float | Callable[[int], float] = 1.5) -> None:
+        self.spread = spread
+
+    def features(self, x: object) -> list[float]:
+        return [float(getattr(x, "input_tokens", 0))]
+
+    def predict(self, x: object) -> SimpleNamespace:
+        n = int(getattr(x, "input_tokens", 100))
+        p50 = 40.0 + (n * 37) % 460
+        spread = self.spread(n) if callable(self.spread) else self.spread
+        return SimpleNamespace(p50=p50, p90=p50 * spread, p99=0.0)
