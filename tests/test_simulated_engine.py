@@ -162,6 +162,50 @@ async def test_abort_and_status() -> None:
         assert eng.status().kv_used_blocks == 0
 
 
+async def _outputs(min_wake_s: float) -> tuple[dict[str, list[int]], dict[str, int], int]:
+    """Eight requests at once: token ids, updates per request, simulated steps."""
+    async with SimulatedEngine(instance_id="c", gpu="H100", time_scale=0.05,
+                               min_wake_s=min_wake_s) as eng:
+        steps = [0]
+        step = eng.instance.step
+
+        def counted(now: float) -> object:
+            steps[0] += 1
+            return step(now)
+
+        eng.instance.step = counted  # type: ignore[method-assign]
+        reqs = [EngineRequest(request_id=f"q{i}", input_tokens=100 + 50 * i, max_tokens=30 + i)
+                for i in range(8)]
+        outs = await asyncio.gather(*(_updates(eng, r) for r in reqs))
+    ids = {r.request_id: o[0] for r, o in zip(reqs, outs, strict=True)}
+    updates = {r.request_id: o[1] for r, o in zip(reqs, outs, strict=True)}
+    return ids, updates, steps[0]
+
+
+async def _updates(eng: SimulatedEngine, req: EngineRequest) -> tuple[list[int], int]:
+    ids: list[int] = []
+    n = 0
+    async for o in eng.generate(req):
+        ids.extend(o.new_token_ids)
+        n += 1
+        if o.finished:
+            assert o.num_generated == req.max_tokens
+    return ids, n
+
+
+async def test_steps_due_together_leave_as_one_update() -> None:
+    # a ~10 ms H100 step lasts ~0.5 ms at this scale: 5 ms wake-ups take ~10 steps each
+    each_ids, each_updates, each_steps = await _outputs(0.0)
+    ids, updates, steps = await _outputs(0.005)
+    assert ids == each_ids  # the same tokens, in order, for every request
+    for rid, got in ids.items():
+        assert got == [synthetic_token_id(rid, p) for p in range(len(got))]
+    assert steps == each_steps  # the same simulated steps
+    assert sum(updates.values()) < sum(each_updates.values()) / 3
+    with pytest.raises(ConfigError):
+        SimulatedEngine(instance_id="x", gpu="H100", min_wake_s=-0.001)
+
+
 async def test_idle_engine_does_not_spin() -> None:
     eng = SimulatedEngine(instance_id="idle", gpu="H100")
     await eng.start()
