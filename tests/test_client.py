@@ -52,7 +52,10 @@ def test_constructor_validates() -> None:
         GoodServeClient(settings=s, results_topic=" ")
     with pytest.raises(ConfigError):
         GoodServeClient(settings=s, max_buffered=0)
-    GoodServeClient(settings=s)  # no I/O
+    with pytest.raises(ConfigError):
+        GoodServeClient(settings=s, linger_ms=-1)
+    assert GoodServeClient(settings=s).linger_ms == 0  # an agent's default: no added wait
+    GoodServeClient(settings=s, linger_ms=5)  # no I/O
 
 
 async def test_round_trip_through_worker(kafka_settings: Settings) -> None:
