@@ -21,6 +21,7 @@ from goodserve.dispatcher.service import DispatcherService
 from goodserve.errors import ConfigError
 from goodserve.gateway import GatewayConfig, GatewayService
 from goodserve.sim.fleet import Fleet
+from goodserve.transport.producer import TypedProducer
 from goodserve.transport.topics import ensure_topics, instance_topic_spec, standard_topics
 from goodserve.workers.engine import Engine
 from goodserve.workers.engines.openai import OpenAIEngine
@@ -49,6 +50,7 @@ class LocalStack:
         gateway: GatewayConfig | None = None,
         max_tokens_bound: bool = True,
         endpoint_api_key: str | None = None,
+        shared_worker_producer: bool = False,
     ) -> None:
         if dispatchers < 1:
             raise ConfigError(f"dispatchers must be >= 1, got {dispatchers}")
@@ -57,6 +59,11 @@ class LocalStack:
         self.settings = settings
         self.fleet = fleet
         self.workers: list[WorkerService] = []
+        # one producer for all the workers (as one worker process on a multi-GPU node would)
+        self.worker_producer = (
+            TypedProducer(settings=settings, client_id=f"{settings.client_id}-workers")
+            if shared_worker_producer else None
+        )
         for inst in fleet.instances:
             engine: Engine
             if inst.endpoint is None:
@@ -84,6 +91,7 @@ class LocalStack:
                     model=fleet.model_of(inst),
                     heartbeat_period_s=heartbeat_period_s,
                     engine=engine,
+                    producer=self.worker_producer,
                 )
             )
         self.dispatchers = [
@@ -114,6 +122,8 @@ class LocalStack:
         await ensure_topics(
             s, [*standard_topics(s), *(instance_topic_spec(s, i.id) for i in self.fleet.instances)]
         )
+        if self.worker_producer is not None:
+            await self.worker_producer.start()
         await asyncio.gather(*(w.start() for w in self.workers))
         await asyncio.gather(*(d.start() for d in self.dispatchers))
         if self.gateway is not None:
@@ -127,6 +137,8 @@ class LocalStack:
             await self.gateway.stop()
         await asyncio.gather(*(d.stop() for d in self.dispatchers), return_exceptions=True)
         await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
+        if self.worker_producer is not None:
+            await self.worker_producer.stop()
 
     async def __aenter__(self) -> Self:
         await self.start()

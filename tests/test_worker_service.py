@@ -182,6 +182,45 @@ async def test_results_heartbeats_and_dead_letters(kafka_settings: Settings) -> 
         await prod.stop()
 
 
+async def test_workers_of_one_process_share_a_producer(kafka_settings: Settings) -> None:
+    """Two workers on one caller-owned producer: both serve; stopping one leaves the
+    producer to the other (and to its owner), who stops it."""
+    s = kafka_settings
+    prod = await prepare(s)
+    shared = TypedProducer(settings=s, client_id="node-workers")
+    engines = [SimulatedEngine(instance_id=i, gpu="H100", model=MODEL, time_scale=0.02)
+               for i in ("n1", "n2")]
+    ws = [WorkerService(settings=s, instance_id=e.instance_id, engine=e, gpu="H100", model=MODEL,
+                        heartbeat_period_s=0.1, producer=shared) for e in engines]
+    with pytest.raises(ConfigError, match="started by its owner"):
+        await ws[0].start()  # not started yet: the owner's job
+    await shared.start()
+    try:
+        async with Tap(s, s.results_topic) as results, Tap(s, s.heartbeats_topic) as hbs:
+            for w in ws:
+                await w.start()
+            for k, w in enumerate(ws):
+                a = assignment(w.instance_id, f"s-{k}", out=6)
+                await prod.send(w.topic, a, key=a.request.request_id)
+            got = await results.until(lambda seen: len(seen) >= 2)
+            assert {(r.request_id, r.instance_id) for r in got} == {("s-0", "n1"), ("s-1", "n2")}
+            await ws[0].stop()
+            assert shared.started  # the other worker still sends through it
+            a = assignment("n2", "s-2", out=4)
+            await prod.send(ws[1].topic, a, key="s-2")
+            got = await results.until(lambda seen: any(r.request_id == "s-2" for r in seen))
+            assert [r.instance_id for r in got if r.request_id == "s-2"] == ["n2"]
+            beats = await hbs.until(lambda seen: {h.instance_id for h in seen} >= {"n1", "n2"})
+            assert {h.instance_id for h in beats} >= {"n1", "n2"}
+            await ws[1].stop()
+            assert shared.started
+    finally:
+        for w in ws:
+            await w.stop()
+        await shared.stop()
+        await prod.stop()
+
+
 async def test_migration_moves_request_to_target(kafka_settings: Settings) -> None:
     s = kafka_settings
     prod = await prepare(s)

@@ -161,6 +161,7 @@ class WorkerService:
         commit_interval_s: float = 0.05,
         metrics_port: int | None = None,
         on_assignment: Callable[[Assignment], None] | None = None,
+        producer: TypedProducer | None = None,
     ) -> None:
         if not isinstance(settings, Settings):
             raise ConfigError("settings must be a goodserve.config.Settings")
@@ -188,6 +189,11 @@ class WorkerService:
         self.commit_interval_s = float(commit_interval_s)
         """At most one offset commit per this period (settles in between move its target):
         a crash re-delivers at most this much more settled work, for far fewer commits."""
+        self.shared_producer = producer
+        """A producer owned by the caller, shared by the workers of one process (one node
+        serving several GPUs): their Results and heartbeats leave in common batches, one
+        Kafka request where each worker would send its own. Started and stopped by its
+        owner; ``None``: this worker makes (and closes) its own."""
         self.on_assignment = on_assignment
         """Called (synchronously) with each Assignment as the consumer hands it over, before
         any check: instrumentation (``goodserve bench dispatch``); it must be quick."""
@@ -249,10 +255,14 @@ class WorkerService:
         )
         self._known_topics.add(self.topic)
         await self.engine.start()
-        producer = TypedProducer(
+        producer = self.shared_producer or TypedProducer(
             settings=self.settings, client_id=f"{self.settings.client_id}-{self.service_name}"
         )
-        await producer.start()
+        if producer is not self.shared_producer:
+            await producer.start()
+        elif not producer.started:
+            await self.engine.stop()
+            raise ConfigError("a shared producer must be started by its owner first")
         sink = DeadLetterSink(settings=self.settings, service=self.service_name, producer=producer)
         consumer: TypedConsumer[Message] = TypedConsumer(
             settings=self.settings,
@@ -265,7 +275,8 @@ class WorkerService:
         try:
             await consumer.start()
         except BaseException:
-            await producer.stop()
+            if producer is not self.shared_producer:
+                await producer.stop()
             await self.engine.stop()
             raise
         self._producer, self._consumer = producer, consumer
@@ -320,8 +331,9 @@ class WorkerService:
         with contextlib.suppress(GoodServeError):
             await self._consumer.stop(drain_timeout_s=1.0)
         await self.engine.stop()
-        with contextlib.suppress(GoodServeError):
-            await self._producer.stop()
+        if self._producer is not self.shared_producer:
+            with contextlib.suppress(GoodServeError):
+                await self._producer.stop()
         self._loop_task = self._hb_task = None
         self._consumer = None
         self._producer = None
