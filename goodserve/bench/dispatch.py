@@ -10,6 +10,12 @@ produce (linger, ack not awaited by the clock), the broker, the dispatcher's pol
 and produce of the Assignment and its Decision record, the broker again, and the worker's
 poll.
 
+The load generator's client lingers ``client_linger_ms`` (2 ms) so that requests sent
+within it share a produce request, as a batch pipeline at this rate would (an agent's
+client sends at once: ``--client-linger-ms 0``); the wait counts in the measured time.
+The simulated workers of the bench's worker process share one producer
+(``shared_worker_producer``), as one worker process on a multi-GPU node would.
+
 ``processes=True`` (the command's default) runs as deployed: the dispatcher
 (``goodserve dispatcher``) and the workers (this module's ``worker`` entry point) are
 processes of their own, the client sends from this one, and both ends stamp ``time.time()``
@@ -83,6 +89,8 @@ async def run_dispatch_bench(
     predictor: Any = None,
     drain_timeout_s: float = 30.0,
     progress: Callable[[str], None] | None = None,
+    client_linger_ms: int = 2,
+    shared_worker_producer: bool = True,
 ) -> dict[str, Any]:
     """Run the bench on ``settings``' broker (topics under a fresh prefix); a JSON-able dict.
 
@@ -121,10 +129,10 @@ async def run_dispatch_bench(
 
     stack = LocalStack(settings=s, fleet=fleet, policy=policy, predictor=predictor,
                        monitor=monitor, time_scale=time_scale, heartbeat_period_s=0.25,
-                       default_slo_s=60.0)
+                       default_slo_s=60.0, shared_worker_producer=shared_worker_producer)
     for w in stack.workers:
         w.on_assignment = on_assignment
-    async with stack, GoodServeClient(settings=s) as client:
+    async with stack, GoodServeClient(settings=s, linger_ms=client_linger_ms) as client:
         # all instances alive (first heartbeats), then a warm-up whose Assignments arrive
         d = stack.dispatchers[0]
         await _until(lambda: bool(d.est.usable(time.time()).all()), 60.0)
@@ -174,6 +182,8 @@ async def run_dispatch_bench(
         "monitor": monitor,
         "instances": instances,
         "time_scale": time_scale,
+        "client_linger_ms": client_linger_ms,
+        "worker_producer": "shared" if shared_worker_producer else "own",
         "rate_target": rps,
         "duration_s": duration_s,
         "requests": n,
@@ -252,6 +262,8 @@ async def run_dispatch_bench_processes(
     drain_timeout_s: float = 30.0,
     progress: Callable[[str], None] | None = None,
     broker_pid: int | None = None,
+    client_linger_ms: int = 2,
+    shared_worker_producer: bool = True,
 ) -> dict[str, Any]:
     """As ``run_dispatch_bench`` with the dispatcher and the workers as separate processes.
 
@@ -281,6 +293,7 @@ async def run_dispatch_bench_processes(
         sys.executable, "-m", "goodserve.bench.dispatch", "worker", *_settings_args(s),
         "--instances", str(instances), "--time-scale", str(time_scale),
         "--out", out_file.name, "--measured-prefix", f"{prefix}-m-",
+        *(["--shared-producer"] if shared_worker_producer else []),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env())
     reader = asyncio.create_task(_read_counts(workers, counts))
     disp_cmd = [sys.executable, "-m", "goodserve.cli", "dispatcher", *_settings_args(s),
@@ -293,7 +306,7 @@ async def run_dispatch_bench_processes(
             raise ConfigError("the bench's worker process did not start")
         dispatcher = await asyncio.create_subprocess_exec(
             *disp_cmd, *([] if monitor else ["--no-monitor"]), env=_child_env())
-        async with GoodServeClient(settings=s) as client:
+        async with GoodServeClient(settings=s, linger_ms=client_linger_ms) as client:
             say(f"dispatcher and {instances} simulated workers started as processes; "
                 f"warming up with {warmup} requests")
             warm = [_request(f"{prefix}-w", k, output_tokens) for k in range(warmup)]
@@ -365,6 +378,8 @@ async def run_dispatch_bench_processes(
         "monitor": monitor,
         "instances": instances,
         "time_scale": time_scale,
+        "client_linger_ms": client_linger_ms,
+        "worker_producer": "shared" if shared_worker_producer else "own",
         "rate_target": rps,
         "duration_s": duration_s,
         "warmup_s": warmup_s,
@@ -427,7 +442,8 @@ async def _worker_main(args: Any) -> int:
 
     fleet = bench_fleet(args.instances)
     stack = LocalStack(settings=s, fleet=fleet, time_scale=args.time_scale,
-                       heartbeat_period_s=0.25, default_slo_s=60.0)
+                       heartbeat_period_s=0.25, default_slo_s=60.0,
+                       shared_worker_producer=args.shared_producer)
     stack.dispatchers = []  # the dispatcher is a process of its own
     for w in stack.workers:
         w.on_assignment = on_assignment
@@ -453,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--time-scale", type=float, default=0.01)
     w.add_argument("--out", required=True)
     w.add_argument("--measured-prefix", required=True)
+    w.add_argument("--shared-producer", action="store_true")
     args = ap.parse_args(argv)
     from goodserve.logging import configure_logging
 

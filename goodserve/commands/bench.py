@@ -38,6 +38,12 @@ def register(sub: Any) -> None:
                         "measured ones (default 3; processes mode)")
     d.add_argument("--policy", default="goodserve")
     d.add_argument("--no-monitor", action="store_true", help="run without the risk monitor")
+    d.add_argument("--client-linger-ms", type=int, default=2,
+                   help="the load generator's produce linger (default 2 ms; 0: an agent's "
+                        "setting, one Kafka request per request at low rates)")
+    d.add_argument("--worker-producer", choices=["shared", "own"], default="shared",
+                   help="the simulated workers' process: one producer for all of them "
+                        "(default, as one worker process per multi-GPU node) or one each")
     d.add_argument("--partitions", type=int, default=2, help="partitions of the topics (2)")
     d.add_argument("--in-process", action="store_true",
                    help="dispatcher, workers and client in one event loop (default: the "
@@ -94,6 +100,8 @@ def run_dispatch(args: argparse.Namespace) -> int:
         rps=args.rps, duration_s=args.duration, instances=args.instances,
         time_scale=args.time_scale, output_tokens=args.output_tokens, warmup=args.warmup,
         policy=args.policy, monitor=not args.no_monitor, progress=say,
+        client_linger_ms=args.client_linger_ms,
+        shared_worker_producer=args.worker_producer == "shared",
     )
     bench = run_dispatch_bench if args.in_process else run_dispatch_bench_processes
     if not args.in_process:
