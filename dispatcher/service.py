@@ -802,8 +802,10 @@ class DispatcherService:
         while not self._stopping.is_set():
             try:
                 envs = await self._fleet_consumer.getmany(timeout_ms=50)
-                for env in envs:
+                for k, env in enumerate(envs):
                     self.observe(env.msg)
+                    if k % 8 == 7:  # a bulk fetch of results must not hold up a request poll
+                        await asyncio.sleep(0)
             except asyncio.CancelledError:
                 raise
             except Exception:
