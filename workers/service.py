@@ -241,6 +241,9 @@ class WorkerService:
         """Create the instance topic, start engine, producer and consumer, then serve."""
         if self._loop_task is not None:
             return
+        shared = self.shared_producer
+        if shared is not None and not shared.started:
+            raise ConfigError("a shared producer must be started by its owner first")
         self._stopped = asyncio.Event()
         self._slots = asyncio.Semaphore(self.max_inflight)
         await ensure_topics(
@@ -255,14 +258,13 @@ class WorkerService:
         )
         self._known_topics.add(self.topic)
         await self.engine.start()
-        producer = self.shared_producer or TypedProducer(
-            settings=self.settings, client_id=f"{self.settings.client_id}-{self.service_name}"
-        )
-        if producer is not self.shared_producer:
+        if shared is not None:
+            producer = shared
+        else:
+            producer = TypedProducer(
+                settings=self.settings, client_id=f"{self.settings.client_id}-{self.service_name}"
+            )
             await producer.start()
-        elif not producer.started:
-            await self.engine.stop()
-            raise ConfigError("a shared producer must be started by its owner first")
         sink = DeadLetterSink(settings=self.settings, service=self.service_name, producer=producer)
         consumer: TypedConsumer[Message] = TypedConsumer(
             settings=self.settings,
@@ -275,7 +277,7 @@ class WorkerService:
         try:
             await consumer.start()
         except BaseException:
-            if producer is not self.shared_producer:
+            if producer is not shared:
                 await producer.stop()
             await self.engine.stop()
             raise
