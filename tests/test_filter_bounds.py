@@ -16,9 +16,8 @@ import numpy as np
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.policies.base import RouteContext
 from goodserve.dispatcher.router import Router
-from goodserve.schemas import AgentRequest
 
-from goodserve.testing.snapshots import VaryingLengths, beat_all
+from goodserve.testing.snapshots import VaryingLengths, beat_all, random_request
 
 GPUS = ["H100", "A100", "A40", "L40S", "V100", "L4"]
 
@@ -59,12 +58,8 @@ def test_each_filter_of_the_chain_gives_the_plain_mask() -> None:
         now = k * 0.05
         if k % 20 == 0:
             beat_all(est, now)
-        req = AgentRequest(
-            request_id=f"r{k}",
-            input_tokens=rng.randint(20, 3000),
-            max_tokens=1024,
-            arrival=now,
-            slo_s=rng.choice([0.05, 0.3, 1.0, 3.0, 10.0, 60.0]) * rng.uniform(0.5, 1.5),
+        req = random_request(
+            rng, k, now, lambda r: r.choice([0.05, 0.3, 1.0, 3.0, 10.0, 60.0]) * r.uniform(0.5, 1.5)
         )
         p = VaryingLengths(1.4).predict(req)
         ctx = RouteContext(

@@ -17,9 +17,8 @@ from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.policies.base import RouteContext
 from goodserve.dispatcher.policies.plugins import KvHeadroom
 from goodserve.dispatcher.router import Router
-from goodserve.schemas import AgentRequest
 
-from goodserve.testing.snapshots import VaryingLengths, beat_all
+from goodserve.testing.snapshots import VaryingLengths, beat_all, random_request
 
 GPUS = ["H100", "A100", "L4", "V100"]
 
@@ -62,13 +61,7 @@ def test_kv_headroom_removes_what_the_plain_comparison_removes() -> None:
             assert np.array_equal(out, mask & plain)
             fast += said
             slow += not said
-        req = AgentRequest(
-            request_id=f"r{k}",
-            input_tokens=rng.randint(20, 3000),
-            max_tokens=1024,
-            arrival=now,
-            slo_s=rng.uniform(0.5, 30.0),
-        )
+        req = random_request(rng, k, now, lambda r: r.uniform(0.5, 30.0))
         router.route(req, now)  # counts the prompt's KV on the chosen instance
         if k % 7 == 0 and est.requests:
             est.on_finish(rng.choice(sorted(est.requests)), now=now)

@@ -19,9 +19,8 @@ import pytest
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.policies.base import RouteContext
 from goodserve.dispatcher.router import Router
-from goodserve.schemas import AgentRequest
 
-from goodserve.testing.snapshots import VaryingLengths, beat_all
+from goodserve.testing.snapshots import VaryingLengths, beat_all, random_request
 
 GPUS = ["H100", "A100", "A40", "L40S", "V100", "H200", "A800", "L4"]
 
@@ -76,13 +75,7 @@ def test_fast_core_decides_as_the_plain_formulas(n_instances: int) -> None:
         if k % 25 == 0:  # heartbeats: one instance draining now and then (not all usable)
             draining = k % n_instances if (k // 25) % 3 == 0 else -1
             beat_all(est, now, own=lambda i, d=draining: {"draining": i == d})
-        req = AgentRequest(
-            request_id=f"r{k}",
-            input_tokens=rng.randint(20, 3000),
-            max_tokens=1024,
-            arrival=now,
-            slo_s=rng.uniform(0.5, 12.0),
-        )
+        req = random_request(rng, k, now, lambda r: r.uniform(0.5, 12.0))
         out = router.route(req, now)
         rec = out.record()
         seen = FleetEstimator.from_views(list(rec.instances))

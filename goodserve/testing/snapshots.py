@@ -9,12 +9,13 @@ else.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 from goodserve.dispatcher.estimator import FleetEstimator
-from goodserve.schemas import Heartbeat, RequestProgress
+from goodserve.schemas import AgentRequest, Heartbeat, RequestProgress
 
 KV_BLOCK_SIZE = 16
 KV_TOTAL_BLOCKS = 6000
@@ -114,6 +115,20 @@ def beat_all(
             ),
             now=now,
         )
+
+
+def random_request(
+    rng: random.Random, k: int, now: float, slo_s: Callable[[random.Random], float]
+) -> AgentRequest:
+    """Request ``r<k>`` arriving at ``now`` with a prompt of 20-3,000 tokens (drawn first)
+    and an SLO of ``slo_s(rng)``: the stream of a loaded-fleet loop."""
+    return AgentRequest(
+        request_id=f"r{k}",
+        input_tokens=rng.randint(20, 3000),
+        max_tokens=1024,
+        arrival=now,
+        slo_s=slo_s(rng),
+    )
 
 
 class VaryingLengths:
