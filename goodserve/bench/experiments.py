@@ -291,6 +291,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 
+def _scale_table(rows: dict[str, Any], key_head: str, gain_head: str) -> list[str]:
+    """Markdown lines of an SLO-scale table (``_slo_scale_row`` rows), then a blank line."""
+    pols = [p for p in next(iter(rows.values())) if p != "reduction_vs_best_baseline"]
+    lines = [f"| {key_head} | " + " | ".join(pols) + f" | {gain_head} |",
+             "|---" * (len(pols) + 2) + "|"]
+    for k, row in rows.items():
+        red = row.get("reduction_vs_best_baseline")
+        lines.append(
+            f"| {k} | "
+            + " | ".join(str(row.get(p)) for p in pols)
+            + f" | {'-' if red is None else f'{-red * 100:+.0f}%'} |"
+        )
+    return [*lines, ""]
+
+
 def to_markdown(res: dict[str, Any]) -> str:
     """The results as markdown tables (docs/results.md)."""
     lines: list[str] = []
@@ -329,20 +344,8 @@ def to_markdown(res: dict[str, Any]) -> str:
             "conversation at 2x its rate. `None`: target not reached up to scale 64.",
             "",
         ]
-        first = next(iter(res["azure_slo_scale"].values()))
-        pols = [p for p in first if p != "reduction_vs_best_baseline"]
-        lines.append(
-            "| trace / predictor / target | " + " | ".join(pols) + " | goodserve vs best baseline |"
-        )
-        lines.append("|---" * (len(pols) + 2) + "|")
-        for k, row in res["azure_slo_scale"].items():
-            red = row.get("reduction_vs_best_baseline")
-            lines.append(
-                f"| {k} | "
-                + " | ".join(str(row[p]) for p in pols)
-                + f" | {'-' if red is None else f'{-red * 100:+.0f}%'} |"
-            )
-        lines.append("")
+        lines += _scale_table(res["azure_slo_scale"], "trace / predictor / target",
+                              "goodserve vs best baseline")
     if "azure_load_sweep" in res:
         sweep = res["azure_load_sweep"]
         lines += [
@@ -352,18 +355,7 @@ def to_markdown(res: dict[str, Any]) -> str:
             "`docs/azure-load-sweep.png`.",
             "",
         ]
-        first = next(iter(sweep.values()))
-        pols = [p for p in first if p != "reduction_vs_best_baseline"]
-        lines.append("| trace / rate / target | " + " | ".join(pols) + " | goodserve vs best |")
-        lines.append("|---" * (len(pols) + 2) + "|")
-        for k, row in sweep.items():
-            red = row.get("reduction_vs_best_baseline")
-            lines.append(
-                f"| {k} | "
-                + " | ".join(str(row.get(p)) for p in pols)
-                + f" | {'-' if red is None else f'{-red * 100:+.0f}%'} |"
-            )
-        lines.append("")
+        lines += _scale_table(sweep, "trace / rate / target", "goodserve vs best")
     if "workflows" in res:
         lines += [
             "### Agentic workflows on a mixed fleet (closed loop, prefix caching)",
