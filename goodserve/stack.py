@@ -26,6 +26,7 @@ from goodserve.transport.topics import ensure_topics, instance_topic_spec, stand
 from goodserve.workers.engine import Engine
 from goodserve.workers.engines.openai import OpenAIEngine
 from goodserve.workers.engines.simulated import SimulatedEngine
+from goodserve.workers.node_consumer import NodeConsumer
 from goodserve.workers.service import WorkerService
 
 
@@ -51,6 +52,7 @@ class LocalStack:
         max_tokens_bound: bool = True,
         endpoint_api_key: str | None = None,
         shared_worker_producer: bool = False,
+        shared_worker_consumer: bool = False,
     ) -> None:
         if dispatchers < 1:
             raise ConfigError(f"dispatchers must be >= 1, got {dispatchers}")
@@ -63,6 +65,13 @@ class LocalStack:
         self.worker_producer = (
             TypedProducer(settings=settings, client_id=f"{settings.client_id}-workers")
             if shared_worker_producer else None
+        )
+        # one consumer for all the workers' topics (the node's), likewise
+        self.worker_consumer = (
+            NodeConsumer(settings=settings, node=f"{settings.topic_prefix}-local",
+                         instance_ids=[i.id for i in fleet.instances],
+                         producer=self.worker_producer)
+            if shared_worker_consumer else None
         )
         for inst in fleet.instances:
             engine: Engine
@@ -92,6 +101,7 @@ class LocalStack:
                     heartbeat_period_s=heartbeat_period_s,
                     engine=engine,
                     producer=self.worker_producer,
+                    node_consumer=self.worker_consumer,
                 )
             )
         self.dispatchers = [
@@ -124,6 +134,8 @@ class LocalStack:
         )
         if self.worker_producer is not None:
             await self.worker_producer.start()
+        if self.worker_consumer is not None:
+            await self.worker_consumer.start()
         await asyncio.gather(*(w.start() for w in self.workers))
         await asyncio.gather(*(d.start() for d in self.dispatchers))
         if self.gateway is not None:
@@ -137,6 +149,8 @@ class LocalStack:
             await self.gateway.stop()
         await asyncio.gather(*(d.stop() for d in self.dispatchers), return_exceptions=True)
         await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
+        if self.worker_consumer is not None:
+            await self.worker_consumer.stop()
         if self.worker_producer is not None:
             await self.worker_producer.stop()
 

@@ -41,14 +41,15 @@ async def test_dispatch_bench_measures_every_request(
     else:  # the other settings: no client linger, one producer per worker
         out = await run_dispatch_bench(settings=kafka_settings, rps=200, duration_s=2.0,
                                        warmup=20, client_linger_ms=0,
-                                       shared_worker_producer=False)
+                                       shared_worker_producer=False,
+                                       shared_worker_consumer=False)
     json.dumps(out)  # JSON-able
     assert KEYS <= set(out)
     assert out["requests"] == 400
     assert out["measured"] == 400 and out["missing"] == 0
     assert out["mode"] == ("processes" if processes else "in-process")
-    assert (out["client_linger_ms"], out["worker_producer"]) == (
-        (2, "shared") if processes else (0, "own"))
+    assert (out["client_linger_ms"], out["worker_producer"], out["worker_consumer"]) == (
+        (2, "shared", "node") if processes else (0, "own", "own"))
     assert out["rate_achieved"] > 0
     assert 0 <= out["p50_ms"] <= out["p90_ms"] <= out["p99_ms"] <= out["max_ms"]
     if processes:  # CPU of everything the bench runs, over the measured window

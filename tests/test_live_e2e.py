@@ -65,11 +65,15 @@ async def read_all(
     return got
 
 
-async def test_200_requests_through_three_gpu_types(kafka_settings: Settings) -> None:
+@pytest.mark.parametrize("node", [False, True], ids=["worker-consumers", "node-consumer"])
+async def test_200_requests_through_three_gpu_types(kafka_settings: Settings, node: bool) -> None:
+    """Each worker with its own consumer, or (``node``) the three workers of the process on
+    one NodeConsumer and one producer, as on a multi-GPU node: the same guarantees."""
     s = kafka_settings
     reqs = make_requests(200)
     async with (
-        LocalStack(settings=s, fleet=FLEET, time_scale=0.02, heartbeat_period_s=0.1) as stack,
+        LocalStack(settings=s, fleet=FLEET, time_scale=0.02, heartbeat_period_s=0.1,
+                   shared_worker_producer=node, shared_worker_consumer=node) as stack,
         GoodServeClient(settings=s) as client,
     ):
         await asyncio.sleep(0.5)  # first heartbeats
@@ -77,6 +81,10 @@ async def test_200_requests_through_three_gpu_types(kafka_settings: Settings) ->
             await client.submit(r)
         results = await asyncio.gather(*(client.result(r.request_id, timeout=90) for r in reqs))
         assigned = sum(d.stats.assigned for d in stack.dispatchers)
+        groups = {w.group_id for w in stack.workers}
+        node_commits = stack.worker_consumer.commits if stack.worker_consumer else 0
+    assert len(groups) == (1 if node else 3)
+    assert (node_commits > 0) == node
     assert {r.request_id for r in results} == {r.request_id for r in reqs}
     assert all(r.status == "ok" for r in results), [r.error for r in results if r.status != "ok"]
     assert client.duplicates == 0

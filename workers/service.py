@@ -53,6 +53,7 @@ from goodserve.schemas import (
     type_name,
 )
 from goodserve.workers.engine import Engine, EngineRequest
+from goodserve.workers.node_consumer import NodeAssignments, NodeConsumer
 
 from goodserve.chaos.failpoints import failpoint
 from goodserve.config import Settings
@@ -162,6 +163,7 @@ class WorkerService:
         metrics_port: int | None = None,
         on_assignment: Callable[[Assignment], None] | None = None,
         producer: TypedProducer | None = None,
+        node_consumer: NodeConsumer | None = None,
     ) -> None:
         if not isinstance(settings, Settings):
             raise ConfigError("settings must be a goodserve.config.Settings")
@@ -177,6 +179,8 @@ class WorkerService:
             raise ConfigError(f"commit_interval_s must be >= 0, got {commit_interval_s}")
         if max_inflight < 1 or finished_memory < 1:
             raise ConfigError("max_inflight and finished_memory must be >= 1")
+        if node_consumer is not None and instance_id not in node_consumer.instance_ids:
+            raise ConfigError(f"instance {instance_id!r} is not on node {node_consumer.node!r}")
         self.settings = settings
         self.instance_id = instance_id
         self.engine = engine
@@ -194,15 +198,21 @@ class WorkerService:
         serving several GPUs): their Results and heartbeats leave in common batches, one
         Kafka request where each worker would send its own. Started and stopped by its
         owner; ``None``: this worker makes (and closes) its own."""
+        self.node_consumer = node_consumer
+        """The consumer of this process's node (one for several GPUs' topics), owned by the
+        caller; ``None``: this worker consumes its topic with a consumer of its own."""
         self.on_assignment = on_assignment
         """Called (synchronously) with each Assignment as the consumer hands it over, before
         any check: instrumentation (``goodserve bench dispatch``); it must be quick."""
         self.topic = settings.instance_topic(instance_id)
-        self.group_id = f"goodserve-worker-{instance_id}"
+        self.group_id = (
+            node_consumer.group_id if node_consumer is not None
+            else f"goodserve-worker-{instance_id}"
+        )
         self.service_name = f"worker-{instance_id}"
         self._simulated = getattr(engine, "name", "") == "simulated"
         self._producer: TypedProducer | None = None
-        self._consumer: TypedConsumer[Message] | None = None
+        self._consumer: TypedConsumer[Message] | NodeAssignments | None = None
         self._tracked: dict[str, _Tracked] = {}
         self._finished = RecentIds(ttl_s=120.0, capacity=self.finished_memory)
         """Finished ids, remembered 120 s (and at most ``finished_memory`` of them)."""
@@ -227,7 +237,9 @@ class WorkerService:
         self.migrated_out = 0
         self.duplicates_dropped = 0
         self.metrics = WorkerMetrics(instance_id)
-        self.metrics.track_lag("assignments", lambda: self._consumer)
+        self.metrics.track_lag(
+            "assignments", lambda: getattr(self._consumer, "typed_consumer", self._consumer)
+        )
         self._metrics_server = (
             MetricsServer(self.metrics, port=metrics_port) if metrics_port is not None else None
         )
@@ -244,6 +256,9 @@ class WorkerService:
         shared = self.shared_producer
         if shared is not None and not shared.started:
             raise ConfigError("a shared producer must be started by its owner first")
+        node = self.node_consumer
+        if node is not None and not node.started:
+            raise ConfigError("the node consumer must be started by its owner first")
         self._stopped = asyncio.Event()
         self._slots = asyncio.Semaphore(self.max_inflight)
         await ensure_topics(
@@ -265,17 +280,23 @@ class WorkerService:
                 settings=self.settings, client_id=f"{self.settings.client_id}-{self.service_name}"
             )
             await producer.start()
-        sink = DeadLetterSink(settings=self.settings, service=self.service_name, producer=producer)
-        consumer: TypedConsumer[Message] = TypedConsumer(
-            settings=self.settings,
-            topics=self.topic,
-            group_id=self.group_id,
-            service=self.service_name,
-            dead_letters=sink,
-            auto_offset_reset="earliest",
-        )
+        consumer: TypedConsumer[Message] | NodeAssignments
         try:
-            await consumer.start()
+            if node is not None:
+                consumer = node.assignments(self.instance_id)
+            else:
+                sink = DeadLetterSink(
+                    settings=self.settings, service=self.service_name, producer=producer
+                )
+                consumer = TypedConsumer(
+                    settings=self.settings,
+                    topics=self.topic,
+                    group_id=self.group_id,
+                    service=self.service_name,
+                    dead_letters=sink,
+                    auto_offset_reset="earliest",
+                )
+                await consumer.start()
         except BaseException:
             if producer is not shared:
                 await producer.stop()

@@ -14,7 +14,8 @@ The load generator's client lingers ``client_linger_ms`` (2 ms) so that requests
 within it share a produce request, as a batch pipeline at this rate would (an agent's
 client sends at once: ``--client-linger-ms 0``); the wait counts in the measured time.
 The simulated workers of the bench's worker process share one producer
-(``shared_worker_producer``), as one worker process on a multi-GPU node would.
+(``shared_worker_producer``) and one consumer of their topics (``shared_worker_consumer``,
+a ``NodeConsumer``), as one worker process on a multi-GPU node would.
 
 ``processes=True`` (the command's default) runs as deployed: the dispatcher
 (``goodserve dispatcher``) and the workers (this module's ``worker`` entry point) are
@@ -91,6 +92,7 @@ async def run_dispatch_bench(
     progress: Callable[[str], None] | None = None,
     client_linger_ms: int = 2,
     shared_worker_producer: bool = True,
+    shared_worker_consumer: bool = True,
 ) -> dict[str, Any]:
     """Run the bench on ``settings``' broker (topics under a fresh prefix); a JSON-able dict.
 
@@ -129,7 +131,8 @@ async def run_dispatch_bench(
 
     stack = LocalStack(settings=s, fleet=fleet, policy=policy, predictor=predictor,
                        monitor=monitor, time_scale=time_scale, heartbeat_period_s=0.25,
-                       default_slo_s=60.0, shared_worker_producer=shared_worker_producer)
+                       default_slo_s=60.0, shared_worker_producer=shared_worker_producer,
+                       shared_worker_consumer=shared_worker_consumer)
     for w in stack.workers:
         w.on_assignment = on_assignment
     async with stack, GoodServeClient(settings=s, linger_ms=client_linger_ms) as client:
@@ -184,6 +187,7 @@ async def run_dispatch_bench(
         "time_scale": time_scale,
         "client_linger_ms": client_linger_ms,
         "worker_producer": "shared" if shared_worker_producer else "own",
+        "worker_consumer": "node" if shared_worker_consumer else "own",
         "rate_target": rps,
         "duration_s": duration_s,
         "requests": n,
@@ -264,6 +268,7 @@ async def run_dispatch_bench_processes(
     broker_pid: int | None = None,
     client_linger_ms: int = 2,
     shared_worker_producer: bool = True,
+    shared_worker_consumer: bool = True,
 ) -> dict[str, Any]:
     """As ``run_dispatch_bench`` with the dispatcher and the workers as separate processes.
 
@@ -294,6 +299,7 @@ async def run_dispatch_bench_processes(
         "--instances", str(instances), "--time-scale", str(time_scale),
         "--out", out_file.name, "--measured-prefix", f"{prefix}-m-",
         *(["--shared-producer"] if shared_worker_producer else []),
+        *(["--node-consumer"] if shared_worker_consumer else []),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env())
     reader = asyncio.create_task(_read_counts(workers, counts))
     disp_cmd = [sys.executable, "-m", "goodserve.cli", "dispatcher", *_settings_args(s),
@@ -380,6 +386,7 @@ async def run_dispatch_bench_processes(
         "time_scale": time_scale,
         "client_linger_ms": client_linger_ms,
         "worker_producer": "shared" if shared_worker_producer else "own",
+        "worker_consumer": "node" if shared_worker_consumer else "own",
         "rate_target": rps,
         "duration_s": duration_s,
         "warmup_s": warmup_s,
@@ -443,7 +450,8 @@ async def _worker_main(args: Any) -> int:
     fleet = bench_fleet(args.instances)
     stack = LocalStack(settings=s, fleet=fleet, time_scale=args.time_scale,
                        heartbeat_period_s=0.25, default_slo_s=60.0,
-                       shared_worker_producer=args.shared_producer)
+                       shared_worker_producer=args.shared_producer,
+                       shared_worker_consumer=args.node_consumer)
     stack.dispatchers = []  # the dispatcher is a process of its own
     for w in stack.workers:
         w.on_assignment = on_assignment
@@ -470,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--out", required=True)
     w.add_argument("--measured-prefix", required=True)
     w.add_argument("--shared-producer", action="store_true")
+    w.add_argument("--node-consumer", action="store_true")
     args = ap.parse_args(argv)
     from goodserve.logging import configure_logging
 

@@ -44,6 +44,9 @@ def register(sub: Any) -> None:
     d.add_argument("--worker-producer", choices=["shared", "own"], default="shared",
                    help="the simulated workers' process: one producer for all of them "
                         "(default, as one worker process per multi-GPU node) or one each")
+    d.add_argument("--worker-consumer", choices=["node", "own"], default="node",
+                   help="the simulated workers' process: one consumer for all their topics "
+                        "(default, a NodeConsumer, as on a multi-GPU node) or one each")
     d.add_argument("--partitions", type=int, default=2, help="partitions of the topics (2)")
     d.add_argument("--in-process", action="store_true",
                    help="dispatcher, workers and client in one event loop (default: the "
@@ -102,6 +105,7 @@ def run_dispatch(args: argparse.Namespace) -> int:
         policy=args.policy, monitor=not args.no_monitor, progress=say,
         client_linger_ms=args.client_linger_ms,
         shared_worker_producer=args.worker_producer == "shared",
+        shared_worker_consumer=args.worker_consumer == "node",
     )
     bench = run_dispatch_bench if args.in_process else run_dispatch_bench_processes
     if not args.in_process:

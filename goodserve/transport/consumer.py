@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar, cast
@@ -417,23 +417,49 @@ class TypedConsumer(Generic[M]):
         if not self._last_yielded:
             self._drained.set()
 
-    async def rewind(self) -> None:
+    async def rewind(self, topics: Collection[str] | None = None) -> None:
         """Forget what was handed out but not committed and read it again from the committed
-        offsets (after a batch whose outputs could not be produced: nothing is skipped)."""
+        offsets (after a batch whose outputs could not be produced: nothing is skipped).
+
+        ``topics``: only these topics' partitions (records of others stay buffered)."""
         if self.group_id is None:
             return
         consumer = self._c()
-        self._buffer.clear()
-        self._last_yielded.clear()
-        self._drained.set()
+        tps = [tp for tp in consumer.assignment() if topics is None or tp.topic in topics]
+        if topics is None:
+            self._buffer.clear()
+            self._last_yielded.clear()
+        else:
+            kept = [r for r in self._buffer if r.topic not in topics]
+            self._buffer.clear()
+            self._buffer.extend(kept)
+            for tp in tps:
+                self._last_yielded.pop(tp, None)
+        if all(self._committed.get(tp, -1) > last for tp, last in self._last_yielded.items()):
+            self._drained.set()
         with kafka_errors("rewind to committed offsets"):
-            for tp in consumer.assignment():
+            for tp in tps:
                 off = await consumer.committed(tp)
                 if off is None or off < 0:
                     await consumer.seek_to_beginning(tp)
                 else:
                     consumer.seek(tp, off)
         log.warning("consumer.rewound", service=self.service)
+
+    def pause(self, topics: Collection[str]) -> None:
+        """Stop fetching these topics' partitions (records already fetched still come)."""
+        c = self._c()
+        c.pause(*(tp for tp in c.assignment() if tp.topic in topics))
+
+    def resume(self, topics: Collection[str]) -> None:
+        """Fetch these topics' partitions again (see ``pause``)."""
+        c = self._c()
+        c.resume(*(tp for tp in c.assignment() if tp.topic in topics))
+
+    def paused(self) -> frozenset[str]:
+        """Topics with a paused partition (a rebalance resumes them all)."""
+        c = self._consumer
+        return frozenset(tp.topic for tp in c.paused()) if c is not None else frozenset()
 
     def assigned(self) -> frozenset[tuple[str, int]]:
         """The (topic, partition)s this consumer owns now (none before start)."""
