@@ -699,8 +699,8 @@ class DispatcherService:
         )
         deliveries.append(
             await self._producer.send_nowait(
-                s.instance_topic(out.instance_id), a, key=req.request_id
-            )
+                s.instance_topic(out.instance_id), a, key=req.request_id, partition=0
+            )  # an instance topic has one partition: no partitioner call per request
         )
         self.assignments[req.request_id] = a
         self.partition_of[req.request_id] = env.partition

@@ -65,6 +65,7 @@ class NodeConsumer:
         max_queued: int = 1024,
         producer: TypedProducer | None = None,
         poll_timeout_ms: int = 100,
+        commit_interval_s: float = 0.05,
     ) -> None:
         if not isinstance(settings, Settings):
             raise ConfigError("settings must be a goodserve.config.Settings")
@@ -75,11 +76,16 @@ class NodeConsumer:
             raise ConfigError(f"instance_ids must be distinct non-empty names, got {ids!r}")
         if max_queued < 1 or poll_timeout_ms < 1:
             raise ConfigError("max_queued and poll_timeout_ms must be >= 1")
+        if not commit_interval_s >= 0:
+            raise ConfigError(f"commit_interval_s must be >= 0, got {commit_interval_s}")
         self.settings = settings
         self.node = node
         self.instance_ids = tuple(ids)
         self.max_queued = int(max_queued)
         self.poll_timeout_ms = int(poll_timeout_ms)
+        self.commit_interval_s = float(commit_interval_s)
+        """At most one commit per this period for the whole node (each worker already
+        commits at most once per its own period; the node's commits carry them all)."""
         self.group_id = f"goodserve-node-{node}"
         self.service_name = f"node-{node}"
         self._topic_of = {i: settings.instance_topic(i) for i in ids}
@@ -97,6 +103,8 @@ class NodeConsumer:
         self._pending: dict[tuple[str, int], Envelope[Message]] = {}
         self._next_commit: asyncio.Future[None] | None = None
         self._committer: asyncio.Task[None] | None = None
+        self._last_commit = -1e9
+        self._closing = False
         self.commits = 0
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -127,6 +135,7 @@ class NodeConsumer:
             on_revoke=self._on_revoke,
         )
         await consumer.start()
+        self._closing = False
         self._consumer = consumer
         self._ready = {t: asyncio.Event() for t in self._queues}
         self._pump = asyncio.create_task(self._fetch_loop(), name=f"{self.service_name}-fetch")
@@ -135,9 +144,13 @@ class NodeConsumer:
     async def stop(self) -> None:
         """Stop fetching and close (after the workers stopped); idempotent. Records fetched
         but not handed out are not committed: the group re-delivers them."""
-        consumer, self._consumer = self._consumer, None
-        if consumer is None:
+        if self._consumer is None:
             return
+        self._closing = True
+        if self._committer is not None:  # the workers' last commits, without the wait
+            with contextlib.suppress(Exception):
+                await self._committer
+        consumer, self._consumer = self._consumer, None
         for reader in list(self._readers.values()):
             reader._close()
         if self._pump is not None:
@@ -145,9 +158,6 @@ class NodeConsumer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
             self._pump = None
-        if self._committer is not None:
-            with contextlib.suppress(Exception):
-                await self._committer
         for q in self._queues.values():
             q.clear()
         self._next_offset.clear()
@@ -265,7 +275,11 @@ class NodeConsumer:
         await asyncio.shield(fut)
 
     async def _commit_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._next_commit is not None:
+            wait = self._last_commit + self.commit_interval_s - loop.time()
+            if wait > 0 and not self._closing:
+                await asyncio.sleep(wait)  # what settles meanwhile joins this commit
             fut, self._next_commit = self._next_commit, None
             batch, self._pending = list(self._pending.values()), {}
             consumer = self._consumer
@@ -274,6 +288,7 @@ class NodeConsumer:
                     raise TransportError("node consumer stopped before the commit")
                 await consumer.commit(batch)
                 self.commits += 1
+                self._last_commit = loop.time()
             except Exception as e:
                 fut.set_exception(e)
             else:

@@ -444,7 +444,10 @@ class TypedConsumer(Generic[M]):
                     await consumer.seek_to_beginning(tp)
                 else:
                     consumer.seek(tp, off)
-        log.warning("consumer.rewound", service=self.service)
+        if topics is None:
+            log.warning("consumer.rewound", service=self.service)
+        else:  # one reader of a shared consumer stopped: routine
+            log.info("consumer.rewound", service=self.service, topics=sorted(topics))
 
     def pause(self, topics: Collection[str]) -> None:
         """Stop fetching these topics' partitions (records already fetched still come)."""
