@@ -32,7 +32,6 @@ from types import TracebackType
 from typing import Any, Self
 
 import msgspec
-import structlog
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import murmur2
@@ -61,7 +60,7 @@ from goodserve.errors import (
     TransportError,
     Unschedulable,
 )
-from goodserve.logging import get_logger
+from goodserve.logging import bound_context, get_logger
 from goodserve.metrics import DispatcherMetrics, MetricsServer
 from goodserve.sim.fleet import Fleet
 from goodserve.sim.kvcache import (
@@ -495,7 +494,7 @@ class DispatcherService:
         admitted: list[Envelope[AgentRequest]] = []
         for env in envs:
             self.stats.received += 1
-            with structlog.contextvars.bound_contextvars(request_id=env.msg.request_id):
+            with bound_context(request_id=env.msg.request_id):
                 admission = await self._admit(env, now, deliveries, routable=routable)
             if isinstance(admission, Envelope):
                 admitted.append(admission)
@@ -503,7 +502,7 @@ class DispatcherService:
                 done.append(env)
         predicted = self._predict_batch([e.msg for e in admitted])
         for env, p in zip(admitted, predicted, strict=True):
-            with structlog.contextvars.bound_contextvars(request_id=env.msg.request_id):
+            with bound_context(request_id=env.msg.request_id):
                 outcome = await self._route(env, now, deliveries, predicted=p)
             if outcome != "held":
                 done.append(env)

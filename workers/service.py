@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
 
-import structlog
 from goodserve.schemas import (
     AbortCommand,
     AgentRequest,
@@ -64,7 +63,7 @@ from goodserve.errors import (
     MalformedMessage,
     UnknownInstance,
 )
-from goodserve.logging import get_logger
+from goodserve.logging import bound_context, get_logger
 from goodserve.metrics import MetricsServer, WorkerMetrics
 from goodserve.recent_ids import RecentIds
 from goodserve.transport import (
@@ -417,7 +416,7 @@ class WorkerService:
         rid = getattr(msg, "request_id", None) or getattr(
             getattr(msg, "request", None), "request_id", None
         )
-        with structlog.contextvars.bound_contextvars(
+        with bound_context(
             request_id=rid,
             instance_id=self.instance_id,
             decision_id=getattr(msg, "decision_id", None),
@@ -570,7 +569,7 @@ class WorkerService:
         """Drive one request on the engine and produce its one Result (unless migrated)."""
         a = tr.assignment
         rid = a.request.request_id
-        with structlog.contextvars.bound_contextvars(**ctx):
+        with bound_context(**ctx):
             reason: str | None = None
             error: GoodServeError | None = None
             try:
@@ -815,7 +814,7 @@ class WorkerService:
             if tr.migrating:
                 continue
             mid = f"drain-{uuid.uuid4().hex[:12]}"
-            with structlog.contextvars.bound_contextvars(
+            with bound_context(
                 request_id=tr.assignment.request.request_id, instance_id=self.instance_id
             ):
                 try:
