@@ -17,6 +17,7 @@ heartbeats have not reported yet.
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -72,6 +73,12 @@ _COEF_ROWS = ("q_cache", "pbc", "pfc", "pqc", "d_cache", "k_ctx")
 # finish estimates (observed latency / estimated for the actual length): see finish_err.
 DEFAULT_FINISH_ERR_PRIOR = 0.1
 DEFAULT_FINISH_ERR_ALPHA = 0.05
+DEFAULT_MISS_ALPHA = 0.05
+"""Weight of one request in ``FleetEstimator.miss_rate`` (about the last 20 placed)."""
+DEFAULT_MISS_PRIOR = 0.3
+"""``miss_rate`` of a fresh estimator: until a few dozen requests have met their deadlines
+the fleet is not known to keep up (the first seconds of an overloaded fleet decide where
+its queues build, before any deadline has passed)."""
 # The prior counts as this many observations: the first completions move it quickly.
 DEFAULT_FINISH_ERR_PRIOR_WEIGHT = 4.0
 # TPOT observations of an instance that still say how far its seed is off for its GPU and
@@ -134,6 +141,9 @@ class TrackedRequest:
     """Estimated queueing + prefill at decision time (0: unknown)."""
     est_tpot_s: float = 0.0
     """Estimated time per output token at decision time (0: unknown)."""
+    late: bool = False
+    """Counted as a miss in ``FleetEstimator.miss_rate`` already, or placed after its
+    deadline (a move of a late request: not counted again)."""
 
 
 @dataclass(slots=True)
@@ -199,6 +209,14 @@ class FleetEstimator:
         self.finish_nobs = np.zeros(n)  # completions finish_lvar has learned from
         self.fleet_lvar = DEFAULT_FINISH_ERR_PRIOR**2  # the same over every instance
         self.fleet_nobs = 0.0
+        self.miss_rate = DEFAULT_MISS_PRIOR
+        """EMA over placed requests of whether they missed their deadline, each counted
+        once: at the decision when even its estimated finish is late on a sure length
+        (``count_miss``), when its deadline passes while it still runs (``count_overdue``),
+        else at its completion. The load pressure: a fleet misses deadlines when it lacks
+        capacity (``near-best`` keeps less slack then)."""
+        self._due: list[tuple[float, int, TrackedRequest]] = []  # heap of deadlines
+        self._due_seq = 0  # ties in the heap: first placed first
         self._finish_err: np.ndarray | None = None
         self.queue_s = np.zeros(n)  # EMA of observed queueing delay
         self.last_seen = np.full(n, -math.inf)
@@ -727,6 +745,13 @@ class FleetEstimator:
         )
         self.requests[request_id] = tr
         self.infos[i].requests[request_id] = tr
+        if deadline <= now:
+            tr.late = True  # placed late (moved after its deadline): counted, or hopeless
+        elif deadline < math.inf:
+            self._due_seq += 1
+            heapq.heappush(self._due, (deadline, self._due_seq, tr))
+            if len(self._due) > 2 * len(self.requests) + 1024:
+                self._prune_due()
         rem = planned_tokens - generated
         rem = 1.0 if 1.0 > rem else rem  # max(rem, 1.0)
         # The updated counters are kept as locals (float64 arrays store Python floats
@@ -879,6 +904,9 @@ class FleetEstimator:
         if tr is None:
             return None
         i = tr.slot
+        if output_tokens is not None and not tr.late:  # a completion not counted yet
+            late = 1.0 if now > tr.deadline else 0.0
+            self.miss_rate += DEFAULT_MISS_ALPHA * (late - self.miss_rate)
         if decode_s is not None and output_tokens and (tr.est_fixed_s or tr.est_tpot_s):
             # how far off the decision's estimate was for the length the request really had
             # (the resource side's own error, apart from the length prediction's)
@@ -905,6 +933,41 @@ class FleetEstimator:
             self._learned_tpot(i)
         self._forget(tr)
         return tr
+
+    def load_pressure(self, now: float) -> float:
+        """``miss_rate`` at ``now``, after counting the requests whose deadline passed while
+        they ran (``count_overdue``); O(1) when none is due."""
+        due = self._due
+        if due and due[0][0] < now:
+            return self.count_overdue(now)
+        return self.miss_rate
+
+    def _prune_due(self) -> None:
+        """Drop the deadlines of requests that ended (they wait in the heap until their
+        deadline otherwise): the heap stays within about twice the requests in flight,
+        whatever the SLOs."""
+        live = self.requests
+        self._due = [e for e in self._due if not e[2].late and live.get(e[2].request_id) is e[2]]
+        heapq.heapify(self._due)
+
+    def count_overdue(self, now: float) -> float:
+        """Count the requests whose deadline passed while they ran as misses (each once);
+        the miss rate then. Amortized O(log n) a request: each deadline is popped once."""
+        due = self._due
+        while due and due[0][0] < now:
+            tr = heapq.heappop(due)[2]
+            if not tr.late and self.requests.get(tr.request_id) is tr:
+                tr.late = True
+                self.miss_rate += DEFAULT_MISS_ALPHA * (1.0 - self.miss_rate)
+        return self.miss_rate
+
+    def count_miss(self, request_id: str) -> None:
+        """A miss known at the decision (placed where even its estimated finish is late, on
+        a sure length): counted now, not again when its deadline passes or it ends."""
+        tr = self.requests.get(request_id)
+        if tr is not None and not tr.late:
+            tr.late = True
+            self.miss_rate += DEFAULT_MISS_ALPHA * (1.0 - self.miss_rate)
 
     def _learned_tpot(self, i: int) -> None:
         """Slot ``i``'s TPOT correction moved on an observation of its own; during its first

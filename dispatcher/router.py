@@ -29,6 +29,10 @@ from goodserve.errors import InvalidRequest
 
 DEFAULT_SLO_S = 30.0
 CHARS_PER_TOKEN = 4
+SURE_SPREAD = 1.2
+"""A request placed where its estimated finish is late counts as a miss at once
+(``FleetEstimator.count_miss``) when its length is this sure (P90 <= SURE_SPREAD x P50);
+else a miss is counted when it happens."""
 
 
 class Prediction(Protocol):
@@ -169,6 +173,8 @@ class RouteOutcome:
         config.update({f"state.{k}": v for k, v in self.picker_state.items()})
         config["p99"] = self.ctx.p99
         config["max_tokens_cap"] = self.ctx.max_tokens
+        if self.ctx.miss_rate:
+            config["miss_rate"] = self.ctx.miss_rate
         if self.ctx.sticky is not None:
             config["sticky"] = self.ctx.sticky
         return Decision(
@@ -321,6 +327,8 @@ class Router:
             req.priority,
             cached,
             self.sessions.get(req.workflow_id) if req.workflow_id else None,  # sticky
+            self.policy.config,  # config (select sets it again)
+            self.est.load_pressure(now),  # miss_rate
         )
         # P50 unless the policy plans on another quantile (its select would set that next)
         ctx.set_plan(str(self.policy.config.get("plan_quantile") or "p50"))
@@ -368,6 +376,8 @@ class Router:
                 (q_ + p_) * fc,  # est_fixed_s
                 d_ * fc,  # est_tpot_s
             )
+            if p90 <= SURE_SPREAD * p50 and ctx.finish.item(slot) > ctx.deadline_in:
+                self.est.count_miss(req.request_id)  # a miss known now: the load pressure
         return out
 
     def deadline_for(self, req: AgentRequest, now: float, input_tokens: int, p50: float) -> float:
@@ -445,6 +455,7 @@ def replay(decision: Decision) -> tuple[str | None, Decision]:
         priority=decision.request.priority,
         cached=cached if cached.any() else 0.0,
     )
+    ctx.miss_rate = float(decision.config.get("miss_rate", 0.0))
     sticky = decision.config.get("sticky")
     ctx.sticky = int(sticky) if sticky is not None else None
     ctx.set_plan("p50")

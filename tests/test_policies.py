@@ -173,6 +173,7 @@ def test_keep_slack_bounds_packing(
     v100_allowed: bool,
 ) -> None:
     est = fleet("V100", "A100", "H100")
+    est.miss_rate = 0.0  # no deadline missed lately: no load pressure
     _, _, _, finish = est.estimate(100, 200)
     slo = slo_of(finish)
     chosen = route(est, "goodserve", slo_s=slo, p50=200, overrides=overrides)
@@ -185,6 +186,85 @@ def test_keep_slack_bounds_packing(
         assert finish[est.slot(chosen)] <= 2.0 * best < finish[0]
     elif overrides.get("trust_region") == 0.5:
         assert finish[est.slot(chosen)] <= 1.5 * best < finish[0]
+
+
+@pytest.mark.parametrize(
+    ("miss_rate", "slower_allowed"),
+    [(0.0, False), (0.05, False), (0.15, True), (0.6, True)],
+)
+def test_load_pressure_keeps_less_slack(miss_rate: float, slower_allowed: bool) -> None:
+    """A deadline where the A100 would eat half the H100's slack but not 0.8 of it: it is
+    allowed once the fleet has been missing deadlines (from 5% to 15% of recent requests:
+    keep 0.2 of the slack, not 0.5)."""
+    est = fleet("A100", "H100")
+    est.miss_rate = miss_rate
+    _, _, _, finish = est.estimate(100, 200)
+    f, best = float(finish[0]), float(finish[1])
+    # the A100 keeps 0.2 of the best slack but not 0.5, and meets the deadline with margin
+    lo, hi = max((f - 0.2 * best) / 0.8, 1.05 * f + 0.05), 2.0 * f - best
+    assert lo < hi and f <= 2.0 * best  # (within the trust region: not what decides)
+    slo = (lo + hi) / 2
+    router = Router(estimator=est, predictor=FixedPredictor(200), policy="goodserve")
+    req = AgentRequest(request_id="r1", input_tokens=100, max_tokens=4096, arrival=0.0, slo_s=slo)
+    rec = router.route(req, 0.0).record()
+    assert rec.chosen == ("a100-0" if slower_allowed else "h100-1")
+    assert rec.config.get("miss_rate", 0.0) == miss_rate  # recorded: replay decides alike
+    assert replay(decode(encode(rec)))[0] == rec.chosen
+    if slower_allowed:  # the same record without the pressure it saw: the base rule
+        calm = {k: v for k, v in rec.config.items() if k != "miss_rate"}
+        assert replay(type(rec)(**{**_asdict(rec), "config": calm}))[0] == "h100-1"
+
+
+def test_miss_rate_counts_each_request_once() -> None:
+    """Misses counted when the deadline passes while the request runs (at the next
+    decision), at its completion otherwise, and at once when placed where it is estimated
+    late on a sure length; never twice."""
+    est = fleet("A100")
+    est.miss_rate = 0.0
+    router = Router(estimator=est, predictor=FixedPredictor(20), policy="fastest-first")
+
+    def send(rid: str, now: float, slo_s: float) -> None:
+        req = AgentRequest(
+            request_id=rid, input_tokens=100, max_tokens=4096, arrival=now, slo_s=slo_s
+        )
+        assert router.route(req, now).instance_id == "a100-0"
+
+    finish = float(est.estimate(100, 20)[3][0])
+    send("ok", 0.0, 2 * finish)
+    est.on_finish("ok", now=finish, output_tokens=20)
+    assert est.miss_rate == 0.0
+    send("slow", 0.0, 2 * finish)  # will run past its deadline
+    assert est.miss_rate == 0.0
+    send("next", 2.5 * finish, 2 * finish)  # after slow's deadline: counted now
+    assert math.isclose(est.miss_rate, 0.05)
+    est.on_finish("slow", now=2.6 * finish, output_tokens=20)  # not again
+    assert math.isclose(est.miss_rate, 0.05)
+    est.on_finish("next", now=3.5 * finish, output_tokens=20)  # in time
+    assert math.isclose(est.miss_rate, 0.05 * 0.95)
+    send("late", 3.5 * finish, 0.5 * finish)  # estimated late on an exact length: counted
+    assert math.isclose(est.miss_rate, 0.05 * 0.95 * 0.95 + 0.05)
+    est.on_finish("late", now=4.5 * finish, output_tokens=20)
+    assert math.isclose(est.miss_rate, 0.05 * 0.95 * 0.95 + 0.05)
+
+
+def test_deadline_heap_stays_bounded_with_long_slos() -> None:
+    """Requests that end long before their deadline leave no growing heap behind; one that
+    runs past its deadline is still counted (once) after the heap was pruned."""
+    est = fleet("A100")
+    est.miss_rate = 0.0
+    router = Router(estimator=est, predictor=FixedPredictor(20), policy="fastest-first")
+    finish = float(est.estimate(100, 20)[3][0])
+    stuck = AgentRequest(request_id="stuck", input_tokens=100, max_tokens=4096, arrival=0.0,
+                         slo_s=2 * finish)
+    router.route(stuck, 0.0)
+    for k in range(5000):  # each done at once, deadlines an hour away
+        req = AgentRequest(request_id=f"r{k}", input_tokens=100, max_tokens=4096,
+                           arrival=0.0, slo_s=3600.0)
+        router.route(req, 0.0)
+        est.on_finish(req.request_id, now=0.0, output_tokens=20)
+    assert len(est._due) <= 2 * len(est.requests) + 1024
+    assert est.load_pressure(3 * finish) == pytest.approx(0.05)  # stuck ran past its deadline
+    assert est.load_pressure(4 * finish) == pytest.approx(0.05)
 
 
 class SpreadPredictor(FixedPredictor):

@@ -60,6 +60,9 @@ class RouteContext:
     sticky: int | None = None
     """Slot this request's workflow last went to (session affinity), if any."""
     config: PolicyConfig = field(default_factory=dict)
+    miss_rate: float = 0.0
+    """Share of recent requests that missed their deadline (``FleetEstimator.miss_rate``
+    when the decision was made; recorded): the load pressure near-best may act on."""
     finish_cap: float = math.inf
     """While a policy's filters run: every candidate left finishes by this (``finish``).
     A filter that bounds the finish lowers it; a looser bound after it has nothing to

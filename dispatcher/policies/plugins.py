@@ -281,6 +281,16 @@ class NearBest:
     by_spread: bool = False
     """Scale both by the length's uncertainty u = 1 - P50 / P99 (0 for an exact
     prediction): keep ``u * keep_slack`` of the slack, trust ``trust_region / u``."""
+    pressure_keep: float | None = None
+    """Under load pressure (``ctx.miss_rate``, the share of recent requests that missed
+    their deadline): the slack kept at full pressure, reached linearly from ``keep_slack``
+    as the miss rate goes from ``pressure_lo`` to ``pressure_hi`` (None: off). A fleet that
+    misses deadlines lacks capacity, not insurance: every GPU's share is needed."""
+    pressure_region: float = math.inf
+    """The trust region at full pressure (reached likewise from ``trust_region``). Pressure
+    only ever keeps less slack and widens the region, never the other way."""
+    pressure_lo: float = 0.05
+    pressure_hi: float = 0.15
     name: str = "near-best"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
@@ -293,6 +303,15 @@ class NearBest:
         if best > ctx.finish_floor:
             ctx.finish_floor = best  # no candidate finishes earlier
         keep, region = self.keep_slack, self.trust_region
+        if self.pressure_keep is not None and ctx.miss_rate > self.pressure_lo:
+            # a fleet that misses deadlines lacks capacity: keep less slack, pack further
+            span = self.pressure_hi - self.pressure_lo
+            w = (ctx.miss_rate - self.pressure_lo) / span if span > 0.0 else 1.0
+            w = 1.0 if w > 1.0 else w
+            if keep is not None and self.pressure_keep < keep:
+                keep += w * (self.pressure_keep - keep)
+            if region < self.pressure_region < math.inf:
+                region += w * (self.pressure_region - region)
         if self.by_spread:
             tail = ctx.p99 if ctx.p99 > 0.0 else ctx.p90
             u = 1.0 - ctx.p50 / tail if 0.0 < ctx.p50 < tail else 0.0
@@ -323,11 +342,16 @@ def _near_best(config: PolicyConfig) -> NearBest:
     keep = config.get("keep_slack")
     # no trust_region: unbounded, unless the config predates keep_slack (then it was 0.5)
     region = config.get("trust_region", math.inf if keep is not None else 0.5)
+    pk = config.get("pressure_keep_slack")
     return NearBest(
         trust_region=math.inf if region is None else float(region),
         keep_slack=None if keep is None else float(keep),
         by_spread=bool(config.get("slack_by_spread", False)),
         max_region=float(config.get("max_trust_region") or math.inf),
+        pressure_keep=None if pk is None else float(pk),
+        pressure_region=float(config.get("pressure_trust_region") or math.inf),
+        pressure_lo=float(config.get("pressure_lo", 0.05)),
+        pressure_hi=float(config.get("pressure_hi", 0.15)),
     )
 
 

@@ -2,7 +2,7 @@
 
 | name | filters | scorers (weight) | picker |
 |---|---|---|---|
-| goodserve | usable, model-match, near-best (keeps half the slack the earliest-finishing instance would leave, finishes within 2x of it), kv-headroom, meets-deadline, protects-residents (planning on the P90 length) | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
+| goodserve | usable, model-match, near-best (keeps half the slack the earliest-finishing instance would leave, finishes within 2x of it; under load pressure, 5-15% of recent requests late, down to 0.2 of the slack within 2.5x), kv-headroom, meets-deadline, protects-residents (planning on the P90 length) | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
 | goodserve-adaptive | as goodserve, but near-best keeps u x half the best slack and finishes within 1 + min(0.75 / u, 2) of the best finish (u = 1 - P50 / P99, the length's uncertainty), meets-deadline's margin is the instance's learned error of its finish estimates (x 1.28, log scale) instead of 5%, and covers-tail prefers instances that still make it on the P99 | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
 | goodserve-rescue | usable, model-match, within-reach (planning on the P50 length) | earliest-finish (1), prefix-cache (0.5) | max-score; none left: rejected |
 | goodserve-p50 | as goodserve, planning on the P50 length (for experiments) | just-enough (1) | max-score; fallback goodserve-rescue |
@@ -48,6 +48,13 @@ GOODSERVE_CONFIG: dict[str, Any] = {
     "margin_rel": 0.05,
     "margin_abs_s": 0.05,
     "kv_limit": 0.98,
+    # near-best under load pressure (the share of recent requests that missed their
+    # deadline, FleetEstimator.miss_rate): from 5% to 15% missed, keep_slack goes to 0.2 and
+    # trust_region to 1.5 (a fleet short of capacity needs every GPU's share)
+    "pressure_keep_slack": 0.2,
+    "pressure_trust_region": 1.5,
+    "pressure_lo": 0.05,
+    "pressure_hi": 0.15,
 }
 
 # goodserve-adaptive (session 4, not the default: see docs/routing.md): slack kept in
@@ -64,11 +71,17 @@ ADAPTIVE_CONFIG: dict[str, Any] = {
     "margin_rel": 0.0,
     "error_z": 1.28,
     "cover_tail": True,
+    "pressure_keep_slack": None,  # its slack follows the length's uncertainty instead
 }
 
 # Settings added after records were first kept: a record without one was decided
 # without the rule it turns on, and replays so.
-LEGACY_OFF: dict[str, Any] = {"error_z": 0.0, "slack_by_spread": False, "cover_tail": False}
+LEGACY_OFF: dict[str, Any] = {
+    "error_z": 0.0,
+    "slack_by_spread": False,
+    "cover_tail": False,
+    "pressure_keep_slack": None,
+}
 
 GOODSERVE_FILTERS = ["near-best", "kv-headroom", "meets-deadline", "protects-residents"]
 
