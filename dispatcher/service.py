@@ -801,10 +801,15 @@ class DispatcherService:
         while not self._stopping.is_set():
             try:
                 envs = await self._fleet_consumer.getmany(timeout_ms=50)
-                for k, env in enumerate(envs):
-                    self.observe(env.msg)
-                    if k % 8 == 7:  # a bulk fetch of results must not hold up a request poll
-                        await asyncio.sleep(0)
+                learned: list[tuple[Any, int]] = []
+                try:
+                    for k, env in enumerate(envs):
+                        self._observe(env.msg, learned)
+                        if k % 8 == 7:  # a bulk fetch of results must not hold up a poll
+                            self._learn(learned)
+                            await asyncio.sleep(0)
+                finally:
+                    self._learn(learned)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -813,6 +818,25 @@ class DispatcherService:
 
     def observe(self, msg: Any) -> None:
         """Learn from a heartbeat, a result or a checkpoint (no I/O)."""
+        learned: list[tuple[Any, int]] = []
+        self._observe(msg, learned)
+        self._learn(learned)
+
+    def _learn(self, learned: list[tuple[Any, int]]) -> None:
+        """The predictor learns the lengths of the Results observed since the last call, in
+        their order, in one batch (no decision runs in between: the same state as one by
+        one, for one forest walk)."""
+        if learned and self.router is not None:
+            many = getattr(self.router.predictor, "observe_many", None)
+            observe = getattr(self.router.predictor, "observe", None)
+            if many is not None:
+                many(learned)
+            elif observe is not None:
+                for x, y in learned:
+                    observe(x, y)
+        learned.clear()
+
+    def _observe(self, msg: Any, learned: list[tuple[Any, int]]) -> None:
         now = time.time()
         if isinstance(msg, Heartbeat):
             if now - self._last_heartbeat > self.stale_after_s:
@@ -834,7 +858,7 @@ class DispatcherService:
             self.metrics.observe_result(
                 msg, a.predicted_output_tokens if a else None, a.predicted_output_p90 if a else None
             )
-            self._on_result(msg, now)
+            self._on_result(msg, now, learned)
         elif isinstance(msg, Checkpoint):
             self._on_checkpoint(msg, now)
 
@@ -909,7 +933,7 @@ class DispatcherService:
             generated=tr.generated,
         )
 
-    def _on_result(self, r: Result, now: float) -> None:
+    def _on_result(self, r: Result, now: float, learned: list[tuple[Any, int]]) -> None:
         if self._rebuilding:
             self._results_while_rebuilding.add(r.request_id)
         if r.status in ("rejected",):
@@ -923,10 +947,8 @@ class DispatcherService:
             decode_s = r.finished_at - r.first_token_at
         self.est.on_finish(r.request_id, now=now, output_tokens=r.output_tokens, decode_s=decode_s)
         x = self.inputs.pop(r.request_id, None)
-        if x is not None and r.status == "ok" and self.router is not None:
-            observe = getattr(self.router.predictor, "observe", None)
-            if observe is not None:
-                observe(x, r.output_tokens)
+        if x is not None and r.status == "ok":
+            learned.append((x, r.output_tokens))  # the predictor learns it in _learn
         self._forget(r.request_id)
 
     def _forget(self, rid: str) -> None:

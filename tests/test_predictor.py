@@ -202,6 +202,34 @@ def test_online_calibration_moves_p90_up_after_misses() -> None:
     assert q.calibration_shifts()["code"] == pytest.approx(0.02 * 0.9)
 
 
+def test_observe_many_learns_exactly_what_observing_one_by_one_does() -> None:
+    """Workflows, steps, models and repeated prompts interleave, so each row's features
+    depend on the rows before it; chunks of several sizes give the same state, bit for bit."""
+    rng = random.Random(7)
+    items = [
+        (_x(task=rng.choice(["agent", "code", "chat"]), workflow_id=f"wf-{rng.randint(0, 3)}",
+            step=rng.randint(0, 4), model=rng.choice(["llama-3-8b", None]),
+            prompt=rng.choice(["Plan the next step.", "def f():", "Explain why."]),
+            output_tokens_hint=rng.choice([None, 200])),
+         rng.randint(5, 2000))
+        for _ in range(60)
+    ]
+    one = OutputLengthPredictor.default()
+    for x, y in items:
+        one.observe(x, y)
+    probes = [x for x, _ in items[:10]]
+    for size in (2, 7, 8, 60):
+        many = OutputLengthPredictor.default()
+        for k in range(0, len(items), size):
+            many.observe_many(items[k : k + size])
+        assert many.calibration_shifts() == one.calibration_shifts()
+        assert [many.features(x) for x in probes] == [one.features(x) for x in probes]
+        assert many.predict_batch(probes) == one.predict_batch(probes)
+    base = ConstantPredictor(100)
+    base.observe_many(items[:3])  # baselines learn nothing, batch or not
+    assert base.predict_features([[]])[0].p50 == 100.0
+
+
 def test_conditional_remaining_monotone() -> None:
     pred = LengthPrediction(200.0, 600.0, 1500.0)
     totals = [g + conditional_remaining(pred, g, 0.9) for g in range(0, 5000, 50)]
