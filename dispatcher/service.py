@@ -28,8 +28,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer
@@ -60,6 +59,7 @@ from goodserve.errors import (
     TransportError,
     Unschedulable,
 )
+from goodserve.lifecycle import AsyncService
 from goodserve.logging import bound_context, get_logger
 from goodserve.metrics import DispatcherMetrics, MetricsServer
 from goodserve.sim.fleet import Fleet
@@ -158,7 +158,7 @@ class _Orphan:
     cannot run it twice), unless that instance cannot take work."""
 
 
-class DispatcherService:
+class DispatcherService(AsyncService):
     """Routes agent requests to instances over Kafka (see module docstring).
 
     ``rebuild_lookback_s`` (default 600 s; 0 turns rebuilding off): how far back a rebuild
@@ -381,15 +381,6 @@ class DispatcherService:
             assigned=self.stats.assigned,
             rejected=self.stats.rejected,
         )
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def assigned_partitions(self) -> int:
         """Partitions of the requests topic this replica owns now (0 until the group settles)."""

@@ -23,13 +23,12 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
-from types import TracebackType
-from typing import Self
 
 import msgspec
 
 from goodserve.config import Settings
 from goodserve.errors import ConfigError, GoodServeError, TransportError
+from goodserve.lifecycle import AsyncService
 from goodserve.logging import get_logger
 from goodserve.schemas import AgentRequest, Result
 from goodserve.transport import (
@@ -52,7 +51,7 @@ class ResultTimeout(GoodServeError, TimeoutError):
     retriable = True
 
 
-class GoodServeClient:
+class GoodServeClient(AsyncService):
     """Async client: ``submit``, ``result``, ``request`` (both) and a ``results()`` stream."""
 
     def __init__(
@@ -162,18 +161,6 @@ class GoodServeClient:
         with contextlib.suppress(GoodServeError):
             if producer is not None:
                 await producer.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # --- sending -------------------------------------------------------------------------------
     async def submit(self, req: AgentRequest) -> AgentRequest:

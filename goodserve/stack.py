@@ -13,13 +13,13 @@ policy. Everything talks through the broker in ``settings``: nothing is shortcut
 from __future__ import annotations
 
 import asyncio
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from goodserve.config import Settings
 from goodserve.dispatcher.service import DispatcherService
 from goodserve.errors import ConfigError
 from goodserve.gateway import GatewayConfig, GatewayService
+from goodserve.lifecycle import AsyncService
 from goodserve.sim.fleet import Fleet
 from goodserve.transport.producer import TypedProducer
 from goodserve.transport.topics import ensure_topics, instance_topic_spec, standard_topics
@@ -30,7 +30,7 @@ from goodserve.workers.node_consumer import NodeConsumer
 from goodserve.workers.service import WorkerService
 
 
-class LocalStack:
+class LocalStack(AsyncService):
     """Dispatcher replicas and one worker per fleet instance, started and stopped together."""
 
     def __init__(
@@ -154,11 +154,3 @@ class LocalStack:
         if self.worker_producer is not None:
             await self.worker_producer.stop()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()

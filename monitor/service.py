@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.monitor.risk import MonitorConfig, RiskMonitor
@@ -21,6 +20,7 @@ from goodserve.schemas import Decision, Heartbeat, MigrationCommand, Result
 
 from goodserve.config import Settings
 from goodserve.errors import ConfigError
+from goodserve.lifecycle import AsyncService
 from goodserve.logging import get_logger
 from goodserve.metrics import MetricsServer, MonitorMetrics
 from goodserve.transport.consumer import TypedConsumer
@@ -31,7 +31,7 @@ from goodserve.transport.topics import ensure_topics, instance_topic_spec, stand
 log = get_logger("goodserve.monitor")
 
 
-class MonitorService:
+class MonitorService(AsyncService):
     """Plans and commands migrations for requests at risk of missing their deadlines."""
 
     def __init__(self, *, settings: Settings, config: MonitorConfig | None = None,
@@ -93,14 +93,6 @@ class MonitorService:
         if self._metrics_server is not None:
             await self._metrics_server.stop()
         log.info("monitor.stopped", commands=self.commands)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
 
     async def run_until_stopped(self) -> None:
         await self._stopping.wait()

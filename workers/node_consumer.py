@@ -25,13 +25,13 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Self
 
 from goodserve.schemas import Message
 
 from goodserve.config import Settings
 from goodserve.errors import ConfigError, GoodServeError, TransportError
+from goodserve.lifecycle import AsyncService
 from goodserve.logging import get_logger
 from goodserve.transport import (
     DeadLetterSink,
@@ -47,7 +47,7 @@ __all__ = ["NodeAssignments", "NodeConsumer"]
 log = get_logger(__name__)
 
 
-class NodeConsumer:
+class NodeConsumer(AsyncService):
     """Fetches the instance topics of a node's workers in one consumer group.
 
     ``max_queued``: records waiting for one worker before its topic's fetching pauses (a
@@ -164,18 +164,6 @@ class NodeConsumer:
         with contextlib.suppress(GoodServeError):
             await consumer.stop(drain_timeout_s=1.0)
         log.info("node_consumer.stopped", node=self.node, commits=self.commits)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # --- the workers' side -----------------------------------------------------------------
     def assignments(self, instance_id: str) -> NodeAssignments:

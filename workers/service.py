@@ -34,8 +34,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 from goodserve.schemas import (
     AbortCommand,
@@ -63,6 +62,7 @@ from goodserve.errors import (
     MalformedMessage,
     UnknownInstance,
 )
+from goodserve.lifecycle import AsyncService
 from goodserve.logging import bound_context, get_logger
 from goodserve.metrics import MetricsServer, WorkerMetrics
 from goodserve.recent_ids import RecentIds
@@ -143,7 +143,7 @@ class _Tracked:
     """The Assignment record: its offset is committed only once the request is settled."""
 
 
-class WorkerService:
+class WorkerService(AsyncService):
     """One worker per GPU instance: assignments in; results, checkpoints, heartbeats out."""
 
     def __init__(
@@ -370,18 +370,6 @@ class WorkerService:
         await self.start()
         assert self._stopped is not None
         await self._stopped.wait()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # --- queries ----------------------------------------------------------------------------
     def inflight(self) -> list[str]:

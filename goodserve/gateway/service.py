@@ -19,8 +19,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -31,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from goodserve.client import GoodServeClient
 from goodserve.config import Settings
 from goodserve.errors import ConfigError, GoodServeError, InvalidInput
+from goodserve.lifecycle import AsyncService
 from goodserve.logging import get_logger
 from goodserve.schemas import AbortCommand, AgentRequest, Decision, Result, TokenChunk
 from goodserve.transport import TypedConsumer, TypedProducer, ensure_topics
@@ -113,7 +113,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-class GatewayService:
+class GatewayService(AsyncService):
     """The OpenAI-compatible HTTP gateway: start/stop, or ``async with``."""
 
     def __init__(self, *, settings: Settings, config: GatewayConfig | None = None) -> None:
@@ -243,14 +243,6 @@ class GatewayService:
         self._stream_c = self._decision_c = None
         self._client = None
         self._producer = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
 
     # --- tokenizer -------------------------------------------------------------------------
     @staticmethod

@@ -14,7 +14,6 @@ import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar, cast
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
@@ -23,6 +22,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from goodserve.config import Settings
 from goodserve.errors import ConfigError, MalformedMessage, SchemaError, TransportError
+from goodserve.lifecycle import AsyncService
 from goodserve.logging import get_logger
 from goodserve.schemas import Message, decode, type_name
 
@@ -69,7 +69,7 @@ class _Rebalance(ConsumerRebalanceListener):
         log.debug("consumer.assigned", partitions=len(assigned), group=self._owner.group_id)
 
 
-class TypedConsumer(Generic[M]):
+class TypedConsumer(Generic[M], AsyncService):
     """Async iterator of ``Envelope``s from topics (or a regex pattern) of one group.
 
     ``dead_letters=None`` makes the consumer own a sink built from ``settings``; pass a
@@ -206,18 +206,6 @@ class TypedConsumer(Generic[M]):
         if self._own_sink:
             await self.dead_letters.stop()
         log.debug("consumer.stopped", service=self.service, dead_lettered=self.dead_lettered)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def _c(self) -> AIOKafkaConsumer:
         if self._consumer is None:

@@ -7,13 +7,12 @@ A consumer never stops on a bad record: it produces a ``DeadLetter`` to
 from __future__ import annotations
 
 import time
-from types import TracebackType
-from typing import Self
 
 import msgspec
 
 from goodserve.config import Settings
 from goodserve.errors import GoodServeError
+from goodserve.lifecycle import AsyncService
 from goodserve.logging import get_logger
 from goodserve.schemas import DeadLetter
 
@@ -63,7 +62,7 @@ def make_dead_letter(
     )
 
 
-class DeadLetterSink:
+class DeadLetterSink(AsyncService):
     """Produces DeadLetter records; uses a shared producer or owns one built from settings."""
 
     def __init__(
@@ -86,18 +85,6 @@ class DeadLetterSink:
     async def stop(self) -> None:
         if self._own:
             await self._producer.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def send(self, record: DeadLetter) -> Sent:
         """Produce one dead letter and wait for the ack (so committing past it is safe)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Generator, Iterable, Mapping
 from contextlib import asynccontextmanager
-from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 from aiokafka import AIOKafkaProducer
@@ -13,6 +12,7 @@ from aiokafka.structs import TopicPartition
 
 from goodserve.config import Settings
 from goodserve.errors import ConfigError, TransportError
+from goodserve.lifecycle import AsyncService
 from goodserve.logging import get_logger
 from goodserve.schemas import Message, encode, type_name
 
@@ -75,7 +75,7 @@ class Delivery:
         return Sent(md.topic, md.partition, md.offset, md.timestamp)
 
 
-class TypedProducer:
+class TypedProducer(AsyncService):
     """Produces GoodServe messages; idempotent (and optionally transactional) per settings.
 
     ``send`` waits for the broker's ack; ``send_nowait`` only enqueues (aiokafka batches
@@ -152,18 +152,6 @@ class TypedProducer:
         if producer is not None:
             with kafka_errors("stop producer"):
                 await producer.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # --- sending ---------------------------------------------------------------------------
     async def send_nowait(
