@@ -1,6 +1,7 @@
 """WorkerService: the Kafka side of one GPU instance.
 
-It consumes ``instance.<id>`` (group ``goodserve-worker-<id>``), runs each ``Assignment`` on
+It consumes ``instance.<id>`` (group ``goodserve-worker-<id>``; or, with the other workers
+of its process, through a ``NodeConsumer`` in the node's group), runs each ``Assignment`` on
 its ``Engine``, produces exactly one ``Result`` per finished request, answers
 ``MigrationCommand``s with a ``Checkpoint`` plus a resuming ``Assignment`` to the target,
 and publishes a ``Heartbeat`` every period.
