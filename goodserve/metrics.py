@@ -249,6 +249,12 @@ class DispatcherMetrics(ServiceMetrics):
         yield GaugeMetricFamily("goodserve_dispatcher_tracked_requests",
                                 "Assigned requests without a result yet",
                                 value=len(getattr(self._svc, "assignments", {})))
+        est = getattr(self._svc, "est", None)
+        if est is not None:
+            yield GaugeMetricFamily(
+                "goodserve_dispatcher_miss_rate",
+                "Share of recent requests that missed their deadline (the load pressure the "
+                "goodserve policy acts on from 5%)", value=float(est.miss_rate))
 
     async def _refresh_instances(self) -> None:
         est = self._svc.est
