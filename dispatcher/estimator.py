@@ -905,8 +905,7 @@ class FleetEstimator:
             return None
         i = tr.slot
         if output_tokens is not None and not tr.late:  # a completion not counted yet
-            late = 1.0 if now > tr.deadline else 0.0
-            self.miss_rate += DEFAULT_MISS_ALPHA * (late - self.miss_rate)
+            self._count(1.0 if now > tr.deadline else 0.0)
         if decode_s is not None and output_tokens and (tr.est_fixed_s or tr.est_tpot_s):
             # how far off the decision's estimate was for the length the request really had
             # (the resource side's own error, apart from the length prediction's)
@@ -956,18 +955,25 @@ class FleetEstimator:
         due = self._due
         while due and due[0][0] < now:
             tr = heapq.heappop(due)[2]
-            if not tr.late and self.requests.get(tr.request_id) is tr:
-                tr.late = True
-                self.miss_rate += DEFAULT_MISS_ALPHA * (1.0 - self.miss_rate)
+            if self.requests.get(tr.request_id) is tr:
+                self._count_late(tr)
         return self.miss_rate
 
     def count_miss(self, request_id: str) -> None:
         """A miss known at the decision (placed where even its estimated finish is late, on
         a sure length): counted now, not again when its deadline passes or it ends."""
         tr = self.requests.get(request_id)
-        if tr is not None and not tr.late:
+        if tr is not None:
+            self._count_late(tr)
+
+    def _count_late(self, tr: TrackedRequest) -> None:
+        if not tr.late:
             tr.late = True
-            self.miss_rate += DEFAULT_MISS_ALPHA * (1.0 - self.miss_rate)
+            self._count(1.0)
+
+    def _count(self, missed: float) -> None:
+        """One placed request's outcome (1.0 missed, 0.0 met) into the ``miss_rate`` EMA."""
+        self.miss_rate += DEFAULT_MISS_ALPHA * (missed - self.miss_rate)
 
     def _learned_tpot(self, i: int) -> None:
         """Slot ``i``'s TPOT correction moved on an observation of its own; during its first

@@ -41,6 +41,7 @@ from goodserve.transport import (
     ensure_topics,
     instance_topic_spec,
 )
+from goodserve.transport.producer import retrieve_outcome
 
 __all__ = ["NodeAssignments", "NodeConsumer"]
 
@@ -147,9 +148,7 @@ class NodeConsumer(AsyncService):
         if self._consumer is None:
             return
         self._closing = True
-        if self._committer is not None:  # the workers' last commits, without the wait
-            with contextlib.suppress(Exception):
-                await self._committer
+        await self._flush_commits()  # the workers' last commits, without the wait
         consumer, self._consumer = self._consumer, None
         for reader in list(self._readers.values()):
             reader._close()
@@ -255,7 +254,7 @@ class NodeConsumer(AsyncService):
         fut = self._next_commit
         if fut is None:
             fut = self._next_commit = asyncio.get_running_loop().create_future()
-            fut.add_done_callback(_retrieve)
+            fut.add_done_callback(retrieve_outcome)
             if self._committer is None or self._committer.done():
                 self._committer = asyncio.create_task(
                     self._commit_loop(), name=f"{self.service_name}-commit"
@@ -287,11 +286,6 @@ class NodeConsumer(AsyncService):
         if task is not None and not task.done():
             with contextlib.suppress(Exception):
                 await task
-
-
-def _retrieve(fut: asyncio.Future[None]) -> None:
-    if not fut.cancelled():
-        fut.exception()
 
 
 class NodeAssignments:

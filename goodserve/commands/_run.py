@@ -23,11 +23,10 @@ async def serve_until_signal(start: Callable[[], Awaitable[Any]],
     done = asyncio.Event()
     handled = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
+        # no loop signal handlers on Windows or in a non-main thread: Ctrl-C still stops it
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, done.set)
             handled.append(sig)
-        except (NotImplementedError, RuntimeError):
-            pass  # no loop signal handlers (Windows, a non-main thread): Ctrl-C still stops it
     memory_tasks = service_memory_tasks()
     try:
         await start()

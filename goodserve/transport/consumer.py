@@ -392,18 +392,21 @@ class TypedConsumer(Generic[M], AsyncService):
             await self._flush_floors()
         except TransportError as e:
             log.warning("consumer.commit_on_revoke_failed", error=str(e))
-        # in place: a poll in progress appends what it fetched for the new assignment to
-        # this very deque (rebinding it here once lost those records: never handed out,
-        # their offsets passed by the next commit)
-        kept = [r for r in self._buffer if TopicPartition(r.topic, r.partition) not in revoked]
-        self._buffer.clear()
-        self._buffer.extend(kept)
+        self._drop_buffered(lambda r: TopicPartition(r.topic, r.partition) in revoked)
         for tp in revoked:
             self._last_yielded.pop(tp, None)
             self._committed.pop(tp, None)
             self._dl_floor.pop(tp, None)
         if not self._last_yielded:
             self._drained.set()
+
+    def _drop_buffered(self, drop: Callable[[ConsumerRecord[Any, Any]], bool]) -> None:
+        """Forget buffered records ``drop`` picks. In place: a poll in progress appends what
+        it fetched to this very deque (rebinding it once lost such records: never handed
+        out, their offsets passed by the next commit)."""
+        kept = [r for r in self._buffer if not drop(r)]
+        self._buffer.clear()
+        self._buffer.extend(kept)
 
     async def rewind(self, topics: Collection[str] | None = None) -> None:
         """Forget what was handed out but not committed and read it again from the committed
@@ -418,9 +421,7 @@ class TypedConsumer(Generic[M], AsyncService):
             self._buffer.clear()
             self._last_yielded.clear()
         else:
-            kept = [r for r in self._buffer if r.topic not in topics]
-            self._buffer.clear()
-            self._buffer.extend(kept)
+            self._drop_buffered(lambda r: r.topic in topics)
             for tp in tps:
                 self._last_yielded.pop(tp, None)
         if all(self._committed.get(tp, -1) > last for tp, last in self._last_yielded.items()):

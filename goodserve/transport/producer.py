@@ -41,7 +41,9 @@ def _headers(msg: Message) -> list[tuple[str, bytes]]:
     return [("kind", type_name(msg).encode()), ("v", str(msg.v).encode())]
 
 
-def _retrieve(fut: asyncio.Future[Any]) -> None:
+def retrieve_outcome(fut: asyncio.Future[Any]) -> None:
+    """Done-callback for a future nobody may await: mark its exception retrieved (no
+    'exception was never retrieved' warnings)."""
     if not fut.cancelled():
         fut.exception()
 
@@ -65,7 +67,7 @@ class Delivery:
     def discard(self) -> None:
         """Nobody will await this delivery: retrieve its outcome when it comes (no
         'exception was never retrieved' warnings for a batch given up on)."""
-        self._fut.add_done_callback(_retrieve)
+        self._fut.add_done_callback(retrieve_outcome)
 
     async def _wait(self) -> Sent:
         try:
