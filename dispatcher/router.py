@@ -60,6 +60,8 @@ class Predicted(NamedTuple):
     p50: float
     p90: float
     p99: float = 0.0
+    p50_shift: float = 0.0
+    """The predictor's online location shift in these predictions (recorded)."""
 
 
 def input_tokens_of(req: AgentRequest) -> int:
@@ -105,6 +107,8 @@ class RouteOutcome:
     ctx: RouteContext
     mask: np.ndarray
     scores: np.ndarray
+    p50_shift: float = 0.0
+    """The predictor's online location shift in the P50 (recorded for the audit)."""
 
     @property
     def decision_id(self) -> str:
@@ -177,6 +181,8 @@ class RouteOutcome:
             config["miss_rate"] = self.ctx.miss_rate
         if self.ctx.sticky is not None:
             config["sticky"] = self.ctx.sticky
+        if self.p50_shift:
+            config["p50_shift"] = self.p50_shift
         return Decision(
             decision_id=self.decision_id,
             request_id=self.request.request_id,
@@ -265,8 +271,16 @@ class Router:
             preds = batch(xs, feats)
         else:
             preds = [self.predictor.predict(x) for x in xs]
+        loc = getattr(self.predictor, "location_shift", None)
         return [
-            Predicted(x, f, float(p.p50), float(p.p90), float(getattr(p, "p99", 0.0) or 0.0))
+            Predicted(
+                x,
+                f,
+                float(p.p50),
+                float(p.p90),
+                float(getattr(p, "p99", 0.0) or 0.0),
+                loc(x) if loc is not None else 0.0,
+            )
             for x, f, p in zip(xs, feats, preds, strict=True)
         ]
 
@@ -350,6 +364,7 @@ class Router:
             ctx,
             mask,
             scores,
+            predicted.p50_shift,
         )
         if commit and instance_id is not None and slot is not None:
             if block_hashes:

@@ -170,14 +170,16 @@ def shipped_predictors() -> dict[str, Any]:
 
 
 def recompute_prediction(d: Decision, predictor: Any) -> tuple[float, float]:
-    """(P50, P90) of the pure model on the recorded features, the request's hint blended in.
+    """(P50, P90) of the model on the recorded features, moved by the recorded online
+    location shift (``p50_shift``), the request's hint blended in.
 
-    Online P90 recalibration is process state that is not recorded, so a recorded P90 can
-    differ from this by the calibration shift; the P50 must match exactly.
+    The P90/P99's own online shift is process state that is not recorded, so a recorded
+    P90 can differ from this by it; the P50 must match exactly.
     """
-    from goodserve.dispatcher.predictor.model import _apply_hint
+    from goodserve.dispatcher.predictor.model import _apply_hint, shift_prediction
 
     raw = predictor.predict_features([d.features])[0]
+    raw = shift_prediction(raw, float(d.config.get("p50_shift", 0.0)), 0.0)
     weight = float(getattr(predictor, "hint_weight", 1.0))
     pred = _apply_hint(raw, d.request.output_tokens_hint, weight)
     return float(pred.p50), float(pred.p90)

@@ -202,6 +202,39 @@ def test_online_calibration_moves_p90_up_after_misses() -> None:
     assert q.calibration_shifts()["code"] == pytest.approx(0.02 * 0.9)
 
 
+@pytest.mark.parametrize("median", [10, 150])
+def test_online_location_tracks_the_median_of_traffic_unlike_the_training_data(
+    median: int,
+) -> None:
+    """The Azure code trace (no text, outputs of about 10 tokens) is far from what the model
+    was trained on: the P50 tracker moves every quantile until half the lengths fall below
+    the P50, for that task only."""
+    p = OutputLengthPredictor.default()
+    rng = random.Random(3)
+    xs = [_x(task="code", prompt=None, input_tokens=rng.randint(1000, 4000)) for _ in range(600)]
+    ys = [max(1, round(median * math.exp(rng.gauss(0.0, 0.4)))) for _ in xs]
+    raw = [p.predict(x).p50 for x in xs[:50]]
+    assert abs(math.log(np.median(raw) / median)) > math.log(2)  # far off to begin with
+    chat_before = p.predict(_x())
+    covered50, covered90 = [], []
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        pred = p.predict(x)
+        if i >= 400:
+            covered50.append(y <= pred.p50)
+            covered90.append(y <= pred.p90)
+        p.observe(x, y, prediction=pred)
+    assert 0.35 <= np.mean(covered50) <= 0.65
+    assert 0.8 <= np.mean(covered90) <= 0.98
+    last = p.predict(xs[-1])
+    assert abs(math.log(last.p50 / median)) < math.log(1.5)
+    assert last.p50 <= last.p90 <= last.p99
+    assert (p.median_shifts()["code"] < 0) == (median < np.median(raw))
+    assert "chat" not in p.median_shifts()
+    assert p.predict(_x()) == chat_before  # another task's predictions are untouched
+    p.reset()
+    assert p.median_shifts() == {}
+
+
 def test_observe_many_learns_exactly_what_observing_one_by_one_does() -> None:
     """Workflows, steps, models and repeated prompts interleave, so each row's features
     depend on the rows before it; chunks of several sizes give the same state, bit for bit."""
@@ -223,6 +256,7 @@ def test_observe_many_learns_exactly_what_observing_one_by_one_does() -> None:
         for k in range(0, len(items), size):
             many.observe_many(items[k : k + size])
         assert many.calibration_shifts() == one.calibration_shifts()
+        assert many.median_shifts() == one.median_shifts()
         assert [many.features(x) for x in probes] == [one.features(x) for x in probes]
         assert many.predict_batch(probes) == one.predict_batch(probes)
     base = ConstantPredictor(100)

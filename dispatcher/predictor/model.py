@@ -173,6 +173,24 @@ class _Base(abc.ABC):
         return conditional_remaining(pred, generated, q)
 
 
+def shift_prediction(pred: LengthPrediction, loc: float, spread: float) -> LengthPrediction:
+    """Move every quantile by ``loc`` and the P90/P99 by ``spread`` more (log1p space),
+    keeping them in order: the online recalibration's arithmetic, shared with the audit."""
+    shift = loc + spread
+    if not (shift or loc):
+        return pred
+    log1p, expm1 = math.log1p, math.expm1
+    p50 = expm1(log1p(pred.p50) + loc) if loc else pred.p50
+    out = LengthPrediction(
+        p50=p50,
+        p90=max(expm1(log1p(pred.p90) + shift), p50),
+        p99=max(expm1(log1p(pred.p99) + shift), p50),
+    )
+    if out.p99 < out.p90:
+        out = LengthPrediction(out.p50, out.p90, out.p90)
+    return out
+
+
 def _apply_hint(pred: LengthPrediction, hint: int | None, weight: float) -> LengthPrediction:
     """Blend a client's output-length hint into the median, keeping the predicted spread.
 
@@ -428,6 +446,9 @@ class OutputLengthPredictor(_Base):
         )
         self.calib_rate = 0.02
         self._calib: dict[str, float] = {}  # per task bucket: extra log1p shift of p90/p99
+        # per task bucket: log1p shift of every quantile, so that half the actual lengths
+        # stay below the P50 when the traffic is not what the model was trained on
+        self._median: dict[str, float] = {}
         self._last: tuple[PredictorInput, list[float]] | None = None
 
     # -- loading -------------------------------------------------------------------------
@@ -506,16 +527,17 @@ class OutputLengthPredictor(_Base):
         return out
 
     def _post(self, pred: LengthPrediction, x: PredictorInput) -> LengthPrediction:
-        shift = self._calib.get(F.task_bucket(x.task), 0.0) if self.online_calibration else 0.0
-        if shift:
-            pred = LengthPrediction(
-                p50=pred.p50,
-                p90=max(math.expm1(math.log1p(pred.p90) + shift), pred.p50),
-                p99=max(math.expm1(math.log1p(pred.p99) + shift), pred.p50),
-            )
-            if pred.p99 < pred.p90:
-                pred = LengthPrediction(pred.p50, pred.p90, pred.p90)
+        if self.online_calibration and (self._calib or self._median):
+            tb = F.task_bucket(x.task)
+            pred = shift_prediction(pred, self._median.get(tb, 0.0), self._calib.get(tb, 0.0))
         return _apply_hint(pred, x.output_tokens_hint, self.hint_weight)
+
+    def location_shift(self, x: PredictorInput) -> float:
+        """The online location shift ``predict(x)`` applies (log1p; 0.0: none). Decisions
+        record it, so that an audit recomputes their P50 exactly."""
+        if not (self._median and self.online_calibration):
+            return 0.0
+        return self._median.get(F.task_bucket(x.task), 0.0)
 
     def predict(self, x: PredictorInput) -> LengthPrediction:
         return self._post(self.predict_features([self._features_of(x)])[0], x)
@@ -528,7 +550,7 @@ class OutputLengthPredictor(_Base):
         if feats is None:
             feats = [self.features(x) for x in xs]
         preds = self.predict_features(feats)
-        if self._calib and self.online_calibration:
+        if (self._calib or self._median) and self.online_calibration:
             return [self._post(p, x) for p, x in zip(preds, xs, strict=True)]
         return [
             p if x.output_tokens_hint is None else self._post(p, x)
@@ -544,11 +566,15 @@ class OutputLengthPredictor(_Base):
         *,
         prediction: LengthPrediction | None = None,
     ) -> None:
-        """Record a finished request: history features and the online P90 recalibration.
+        """Record a finished request: history features and the online recalibration.
 
-        Recalibration is adaptive conformal inference in log space: per task bucket, the
-        P90/P99 shift grows by rate*0.9 after a miss (actual > p90) and shrinks by
-        rate*0.1 after a cover, so the long-run P90 miss rate tracks 10% under drift.
+        Recalibration is adaptive conformal inference in log space, per task bucket, in
+        two trackers. The location moves every quantile by +rate*0.5 when the actual
+        length is above the P50 and -rate*0.5 when not, so half the lengths stay below
+        the P50 when the traffic is unlike the training data (the Azure code trace: about
+        10 tokens where the model says 35). On top of it, the P90/P99 shift grows by
+        rate*0.9 after a miss (actual > p90) and shrinks by rate*0.1 after a cover, so the
+        long-run P90 miss rate tracks 10% under drift.
         Pass the ``prediction`` made at decision time (without the hint) to skip
         re-predicting; otherwise it is recomputed from the current history.
         """
@@ -557,10 +583,7 @@ class OutputLengthPredictor(_Base):
                 self.predict_features([self.features(x)])[0],
                 msgspec.structs.replace(x, output_tokens_hint=None),
             )
-            miss = 1.0 if actual_output_tokens > pred.p90 else 0.0
-            tb = F.task_bucket(x.task)
-            cur = self._calib.get(tb, 0.0) + self.calib_rate * (miss - 0.1)
-            self._calib[tb] = min(max(cur, -2.0), 2.0)
+            self._recalibrate(F.task_bucket(x.task), pred, actual_output_tokens)
         self._last = None
         self.history.observe(x.task, x.workflow_id, x.step, actual_output_tokens, x.model, x.prompt)
 
@@ -580,20 +603,33 @@ class OutputLengthPredictor(_Base):
         raws = self.predict_features(feats)
         for (x, y), raw in zip(items, raws, strict=True):
             pred = self._post(raw, msgspec.structs.replace(x, output_tokens_hint=None))
-            miss = 1.0 if y > pred.p90 else 0.0
-            tb = F.task_bucket(x.task)
-            cur = self._calib.get(tb, 0.0) + self.calib_rate * (miss - 0.1)
-            self._calib[tb] = min(max(cur, -2.0), 2.0)
+            self._recalibrate(F.task_bucket(x.task), pred, y)
         self._last = None
 
+    def _recalibrate(self, tb: str, pred: LengthPrediction, actual: int) -> None:
+        """One step of both trackers: the location (every quantile, so that half the
+        lengths fall below the P50) and the P90/P99's own shift (10% above the P90)."""
+        rate = self.calib_rate
+        above = 1.0 if actual > pred.p50 else 0.0
+        loc = self._median.get(tb, 0.0) + rate * (above - 0.5)
+        self._median[tb] = min(max(loc, -2.0), 2.0)
+        miss = 1.0 if actual > pred.p90 else 0.0
+        cur = self._calib.get(tb, 0.0) + rate * (miss - 0.1)
+        self._calib[tb] = min(max(cur, -2.0), 2.0)
+
     def calibration_shifts(self) -> dict[str, float]:
-        """The online P90/P99 log1p shifts per task bucket (record them for replay)."""
+        """The online P90/P99 log1p shifts per task bucket, on top of the location."""
         return dict(self._calib)
+
+    def median_shifts(self) -> dict[str, float]:
+        """The online log1p shift of every quantile per task bucket (the P50's tracker)."""
+        return dict(self._median)
 
     def reset(self) -> None:
         """Forget all online state (history and recalibration)."""
         self.history.clear()
         self._calib.clear()
+        self._median.clear()
         self._last = None
 
 
