@@ -35,3 +35,11 @@ def test_sweep_finds_a_scale_per_rate_policy_and_target_and_plots_it(tmp_path: P
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = ex.to_markdown({"azure_load_sweep": sweep})
     assert "conv/4/0.99" in md
+
+
+def test_loaded_table_names_its_rates_and_the_gain_over_the_best_baseline() -> None:
+    row = {"goodserve": 7.5, "fastest-first": 10.0, "least-kv": 12.0,
+           "reduction_vs_best_baseline": 0.25}
+    md = ex.to_markdown({"azure_slo_scale_loaded": {"conv/xgb/0.95": row}})
+    assert f"conversation at {ex.LOADED_RATES['conv']:g}x" in md
+    assert "| conv/xgb/0.95 | 7.5 | 10.0 | 12.0 | -25% |" in md
