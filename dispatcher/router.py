@@ -168,12 +168,16 @@ class RouteOutcome:
             )
             for i in order
         ]
-        # JSON has no infinity: unbounded settings (None, inf) are left out, as their default
-        config: dict[str, float | int | str | bool] = {
-            k: v
-            for k, v in self.policy.config.items()
-            if isinstance(v, int | str | bool) or (isinstance(v, float) and math.isfinite(v))
-        }
+        # JSON has no infinity and the record's config no null: unbounded settings (None,
+        # +-inf) go as strings, which ``replay`` turns back (_UNBOUNDED)
+        config: dict[str, float | int | str | bool] = {}
+        for k, v in self.policy.config.items():
+            if isinstance(v, int | str | bool) or (isinstance(v, float) and math.isfinite(v)):
+                config[k] = v
+            elif v is None:
+                config[k] = "none"
+            elif isinstance(v, float) and v == v:  # +-inf (nan is no setting)
+                config[k] = str(v)
         config.update({f"state.{k}": v for k, v in self.picker_state.items()})
         config["p99"] = self.ctx.p99
         config["max_tokens_cap"] = self.ctx.max_tokens
@@ -433,6 +437,10 @@ class Router:
             del self.sessions[wid]
 
 
+_UNBOUNDED = {"none": None, "inf": math.inf, "-inf": -math.inf}
+"""Recorded strings of unbounded settings and what they were (``RouteOutcome.record``)."""
+
+
 def to_predictor_input(req: AgentRequest, input_tokens: int) -> Any:
     """The predictor's view of a request (never its true output length)."""
     return PredictorInput.from_request(req, input_tokens)
@@ -445,7 +453,11 @@ def replay(decision: Decision) -> tuple[str | None, Decision]:
     ``replay_predictions`` checks them against the recorded features separately.
     """
     est = FleetEstimator.from_views(list(decision.instances))
-    overrides = {k: v for k, v in decision.config.items() if not k.startswith("state.")}
+    overrides = {
+        k: _UNBOUNDED.get(v, v) if isinstance(v, str) else v
+        for k, v in decision.config.items()
+        if not k.startswith("state.")
+    }
     policy = make_policy(decision.policy, {**LEGACY_OFF, **overrides})
     policy.set_state(
         {k[len("state.") :]: int(v) for k, v in decision.config.items() if k.startswith("state.")}
