@@ -933,6 +933,42 @@ class FleetEstimator:
         self._forget(tr)
         return tr
 
+    def move(
+        self,
+        request_id: str,
+        target: str,
+        *,
+        now: float,
+        remaining_tokens: float | None = None,
+        generated: int | None = None,
+        input_tokens: int | None = None,
+    ) -> bool:
+        """A request moved (a migration): its work leaves its instance and is counted on
+        ``target`` with its deadline, predictions and progress (``generated``, if the
+        caller knows it better than the last heartbeat) and at least ``remaining_tokens``
+        more to go. A miss already counted stays counted once. False if the request is
+        not tracked or ``target`` is unknown (then nothing changes)."""
+        tr = self.requests.get(request_id)
+        if tr is None or target not in self.index:
+            return False
+        done = tr.generated if generated is None else generated
+        rem = max(tr.planned_tokens - done, 1.0) if remaining_tokens is None else remaining_tokens
+        self.on_finish(request_id, now=now)
+        self.on_assign(
+            target,
+            request_id=request_id,
+            input_tokens=tr.input_tokens if input_tokens is None else input_tokens,
+            planned_tokens=max(tr.planned_tokens, done + rem),
+            deadline=tr.deadline,
+            now=now,
+            p50=tr.p50,
+            p90=tr.p90,
+            generated=done,
+        )
+        if tr.late:
+            self.requests[request_id].late = True
+        return True
+
     def load_pressure(self, now: float) -> float:
         """``miss_rate`` at ``now``, after counting the requests whose deadline passed while
         they ran (``count_overdue``); O(1) when none is due."""

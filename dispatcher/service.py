@@ -903,26 +903,7 @@ class DispatcherService(AsyncService):
         self, rid: str, target: str, now: float, remaining_tokens: float | None = None
     ) -> None:
         """Count a moving request's remaining work on its target in the estimator."""
-        tr = self.est.requests.get(rid)
-        if tr is None or target not in self.est.index:
-            return
-        rem = (
-            remaining_tokens
-            if remaining_tokens is not None
-            else max(tr.planned_tokens - tr.generated, 1.0)
-        )
-        self.est.on_finish(rid, now=now)
-        self.est.on_assign(
-            target,
-            request_id=rid,
-            input_tokens=tr.input_tokens,
-            planned_tokens=max(tr.planned_tokens, tr.generated + rem),
-            deadline=tr.deadline,
-            now=now,
-            p50=tr.p50,
-            p90=tr.p90,
-            generated=tr.generated,
-        )
+        self.est.move(rid, target, now=now, remaining_tokens=remaining_tokens)
 
     def _on_result(self, r: Result, now: float, learned: list[tuple[Any, int]]) -> None:
         if self._rebuilding:

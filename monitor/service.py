@@ -156,14 +156,8 @@ class MonitorService(AsyncService):
                                       key=plan.request_id)
             await self._producer.send(self.settings.migrations_topic, cmd, key=plan.request_id)
             self.monitor.record(plan)
-            if tr is not None:
-                self.est.on_finish(plan.request_id, now=now)
-                self.est.on_assign(plan.target, request_id=plan.request_id,
-                                   input_tokens=tr.input_tokens,
-                                   planned_tokens=max(tr.planned_tokens,
-                                                      tr.generated + plan.remaining_tokens),
-                                   deadline=tr.deadline, now=now, p50=tr.p50, p90=tr.p90,
-                                   generated=tr.generated)
+            self.est.move(plan.request_id, plan.target, now=now,
+                          remaining_tokens=plan.remaining_tokens)
             self.commands += 1
             log.info("monitor.migration", request_id=plan.request_id, source=plan.source,
                      target=plan.target, risk=round(plan.risk, 3), reason=plan.reason)

@@ -247,6 +247,32 @@ def test_miss_rate_counts_each_request_once() -> None:
     assert math.isclose(est.miss_rate, 0.05 * 0.95 * 0.95 + 0.05)
 
 
+def test_a_moved_request_keeps_its_work_and_its_miss_counted_once() -> None:
+    """A migration moves the request's remaining work to the target with its deadline and
+    progress; a request whose miss was counted at its decision is not counted again when
+    it completes on the target."""
+    est = fleet("A100", "H100")
+    est.miss_rate = 0.0
+    router = Router(estimator=est, predictor=FixedPredictor(20), policy="fastest-first")
+    finish = float(est.estimate(100, 20)[3].min())
+    req = AgentRequest(request_id="late", input_tokens=100, max_tokens=4096, arrival=0.0,
+                       slo_s=0.5 * finish)
+    src = router.route(req, 0.0).instance_id
+    assert src is not None
+    counted = est.miss_rate
+    assert counted > 0.0  # estimated late on an exact length: counted at the decision
+    dst = "h100-0" if src == "a100-0" else "a100-0"
+    assert est.move("late", dst, now=0.1 * finish, generated=5)  # before its deadline
+    tr = est.requests["late"]
+    assert est.infos[tr.slot].instance_id == dst
+    assert (tr.generated, tr.deadline, tr.late) == (5, 0.5 * finish, True)
+    assert est.n_active[est.slot(src)] == 0 and est.n_active[est.slot(dst)] == 1
+    est.on_finish("late", now=2 * finish, output_tokens=20)
+    assert est.miss_rate == counted  # once
+    assert not est.move("late", src, now=2 * finish)  # gone: nothing to move
+    assert not est.move("ghost", "nowhere", now=2 * finish)
+
+
 def test_deadline_heap_stays_bounded_with_long_slos() -> None:
     """Requests that end long before their deadline leave no growing heap behind; one that
     runs past its deadline is still counted (once) after the heap was pruned."""

@@ -415,21 +415,26 @@ class Simulator:
             self.migrations += 1
             rec.migrations += 1
             rec.instance = plan.target
-            tr = self.est.requests.get(plan.request_id)
-            p50, p90 = (tr.p50, tr.p90) if tr else (rec.predicted_p50, rec.predicted_p90)
-            planned = tr.planned_tokens if tr else p90
-            self.est.on_finish(plan.request_id, now=t)
-            self.est.on_assign(
+            moved = self.est.move(
+                plan.request_id,
                 plan.target,
-                request_id=plan.request_id,
-                input_tokens=sreq.input_tokens,
-                planned_tokens=max(planned, sreq.generated + plan.remaining_tokens),
-                deadline=rec.deadline,
                 now=t,
-                p50=p50,
-                p90=p90,
+                remaining_tokens=plan.remaining_tokens,
                 generated=sreq.generated,
+                input_tokens=sreq.input_tokens,
             )
+            if not moved:  # not tracked (any more): count it on the target afresh
+                self.est.on_assign(
+                    plan.target,
+                    request_id=plan.request_id,
+                    input_tokens=sreq.input_tokens,
+                    planned_tokens=max(rec.predicted_p90, sreq.generated + plan.remaining_tokens),
+                    deadline=rec.deadline,
+                    now=t,
+                    p50=rec.predicted_p50,
+                    p90=rec.predicted_p90,
+                    generated=sreq.generated,
+                )
             # the pause of checkpoint -> Kafka -> resume before the target can take it
             self.push_submit(dst, sreq, t + self.cfg.monitor.overhead_s)
 
