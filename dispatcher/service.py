@@ -877,7 +877,7 @@ class DispatcherService(AsyncService):
         if h is None or h.target != ck.target:
             # commanded by a monitor outside this process: learn of the move from here
             h = self.handovers[rid] = _Handover(ck.source, ck.target)
-            self._move_estimate(rid, ck.target, now)
+            self.est.move(rid, ck.target, now=now)
         h.checkpoint = ck
         if ck.target in self._dead:  # handed to an instance that is gone: resume elsewhere
             del self.handovers[rid]
@@ -898,12 +898,6 @@ class DispatcherService(AsyncService):
                     attempt=a.attempt + 1,
                     resume=h.checkpoint if h.checkpoint is not None else a.resume,
                 )
-
-    def _move_estimate(
-        self, rid: str, target: str, now: float, remaining_tokens: float | None = None
-    ) -> None:
-        """Count a moving request's remaining work on its target in the estimator."""
-        self.est.move(rid, target, now=now, remaining_tokens=remaining_tokens)
 
     def _on_result(self, r: Result, now: float, learned: list[tuple[Any, int]]) -> None:
         if self._rebuilding:
@@ -998,7 +992,7 @@ class DispatcherService(AsyncService):
         await self._ensure_instance_topic(target)
         await self._producer.send(self.settings.instance_topic(source), cmd, key=request_id)
         await self._producer.send(self.settings.migrations_topic, cmd, key=request_id)
-        self._move_estimate(request_id, target, now, remaining_tokens)
+        self.est.move(request_id, target, now=now, remaining_tokens=remaining_tokens)
         if a is not None:
             # still on the source for reissuing until the target reports it (_Handover)
             self.handovers[request_id] = _Handover(source, target)

@@ -415,7 +415,8 @@ class Simulator:
             self.migrations += 1
             rec.migrations += 1
             rec.instance = plan.target
-            moved = self.est.move(
+            # the monitor plans tracked requests only, on known instances: always moved
+            self.est.move(
                 plan.request_id,
                 plan.target,
                 now=t,
@@ -423,18 +424,6 @@ class Simulator:
                 generated=sreq.generated,
                 input_tokens=sreq.input_tokens,
             )
-            if not moved:  # not tracked (any more): count it on the target afresh
-                self.est.on_assign(
-                    plan.target,
-                    request_id=plan.request_id,
-                    input_tokens=sreq.input_tokens,
-                    planned_tokens=max(rec.predicted_p90, sreq.generated + plan.remaining_tokens),
-                    deadline=rec.deadline,
-                    now=t,
-                    p50=rec.predicted_p50,
-                    p90=rec.predicted_p90,
-                    generated=sreq.generated,
-                )
             # the pause of checkpoint -> Kafka -> resume before the target can take it
             self.push_submit(dst, sreq, t + self.cfg.monitor.overhead_s)
 
