@@ -215,6 +215,42 @@ def test_load_pressure_keeps_less_slack(miss_rate: float, slower_allowed: bool) 
         assert replay(type(rec)(**{**_asdict(rec), "config": calm}))[0] == "h100-1"
 
 
+@pytest.mark.parametrize(
+    ("miss_rate", "harm_weight", "expected"),
+    [
+        (0.0, 1.0, "h100-1"),  # no pressure: where it finishes first
+        (0.10, 1.0, "h100-1"),  # half the weight: 4.5 s + 1.05 s still beats 5.9 s
+        (0.15, 1.0, "a40-0"),  # full weight: 4.5 s + 2.1 s of the residents' delay
+        (0.6, 1.0, "a40-0"),
+        (0.6, 0.0, "h100-1"),  # records made before the rule replay without it
+    ],
+)
+def test_rescue_counts_the_delay_added_to_residents_under_pressure(
+    miss_rate: float, harm_weight: float, expected: str
+) -> None:
+    """No instance can promise the deadline, so the rescue picks. The H100 runs 100
+    requests and would still finish this one first (4.5 s against the idle A40's 5.9 s),
+    but its 200 tokens and prefill would delay each of the 100 by about 21 ms. Once the
+    fleet misses deadlines, that delay counts: the idle A40 is the cheaper choice."""
+    est = fleet("A40", "H100")
+    beat(est, 1, running=100)
+    est.miss_rate = miss_rate
+    _, _, _, finish = est.estimate(100, 200)
+    assert 4.0 < finish[1] < 4.7 < 5.8 < finish[0] < 6.0  # neither promises a 4 s deadline
+    overrides = None if harm_weight == 1.0 else {"harm_weight": harm_weight}
+    pol = make_policy("goodserve", overrides) if overrides else "goodserve"
+    router = Router(estimator=est, predictor=FixedPredictor(200), policy=pol)
+    req = AgentRequest(request_id="r1", input_tokens=100, max_tokens=4096, arrival=0.0, slo_s=4.0)
+    out = router.route(req, 0.0)
+    rec = out.record()
+    assert rec.chosen == expected
+    assert "goodserve-rescue" in out.how
+    assert replay(decode(encode(rec)))[0] == expected  # recorded: replay decides alike
+    if harm_weight and miss_rate >= 0.15:  # the same record without the weight: the old rule
+        old = {k: v for k, v in rec.config.items() if k != "harm_weight"}
+        assert replay(type(rec)(**{**_asdict(rec), "config": old}))[0] == "h100-1"
+
+
 def test_miss_rate_counts_each_request_once() -> None:
     """Misses counted when the deadline passes while the request runs (at the next
     decision), at its completion otherwise, and at once when placed where it is estimated

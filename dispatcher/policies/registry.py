@@ -4,7 +4,7 @@
 |---|---|---|---|
 | goodserve | usable, model-match, near-best (keeps half the slack the earliest-finishing instance would leave, finishes within 2x of it; under load pressure, 5-15% of recent requests late, down to 0.2 of the slack within 2.5x), kv-headroom, meets-deadline, protects-residents (planning on the P90 length) | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
 | goodserve-adaptive | as goodserve, but near-best keeps u x half the best slack and finishes within 1 + min(0.75 / u, 2) of the best finish (u = 1 - P50 / P99, the length's uncertainty), meets-deadline's margin is the instance's learned error of its finish estimates (x 1.28, log scale) instead of 5%, and covers-tail prefers instances that still make it on the P99 | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
-| goodserve-rescue | usable, model-match, within-reach (planning on the P50 length) | earliest-finish (1), prefix-cache (0.5) | max-score; none left: rejected |
+| goodserve-rescue | usable, model-match, within-reach (planning on the P50 length) | finish-with-residents (1: earliest finish; under load pressure plus the delay the request adds to those already on the instance), prefix-cache (0.5) | max-score; none left: rejected |
 | goodserve-p50 | as goodserve, planning on the P50 length (for experiments) | just-enough (1) | max-score; fallback goodserve-rescue |
 | goodserve-nomigrate | same as goodserve | just-enough (1) | max-score; never migrates |
 | goodserve-packed | as goodserve keeping no slack (packs onto the slowest instance that makes it) | just-enough (1), prefix-cache (2) | max-score; migrates |
@@ -13,8 +13,10 @@ GoodServe plans on the P90 length so that requests that run long still make it,
 and among the instances that promise that picks the one with the least spare
 slack (just enough). When no instance can promise it, the request goes where it
 finishes first (the best chance of success: with an uninformative predictor
-GoodServe thus behaves like earliest-finish instead of gambling on slow GPUs),
-unless even there it would take more than ``hopeless_factor`` x the time left on
+GoodServe thus behaves like earliest-finish instead of gambling on slow GPUs);
+when recent requests miss their deadlines, the delay it would add to the
+requests already on each instance counts too (a fleet short of capacity is
+not helped by piling everything onto its fastest GPU). Unless even there it would take more than ``hopeless_factor`` x the time left on
 its P50 length: then it cannot be met and is rejected early
 (``on_infeasible="reject"``, the default) rather than spending capacity other
 requests need. ``on_infeasible="best-effort"`` never rejects.
@@ -55,6 +57,9 @@ GOODSERVE_CONFIG: dict[str, Any] = {
     "pressure_trust_region": 1.5,
     "pressure_lo": 0.05,
     "pressure_hi": 0.15,
+    # the rescue under the same pressure: the request's own finish plus 1 x the delay it
+    # adds to the requests already on the instance (finish-with-residents)
+    "harm_weight": 1.0,
 }
 
 # goodserve-adaptive (session 4, not the default: see docs/routing.md): slack kept in
@@ -81,6 +86,7 @@ LEGACY_OFF: dict[str, Any] = {
     "slack_by_spread": False,
     "cover_tail": False,
     "pressure_keep_slack": None,
+    "harm_weight": 0.0,
 }
 
 GOODSERVE_FILTERS = ["near-best", "kv-headroom", "meets-deadline", "protects-residents"]
@@ -122,7 +128,7 @@ SPECS: dict[str, PolicySpec] = {
         PolicySpec(
             "goodserve-rescue",
             [*BASIC, "within-reach"],
-            [("earliest-finish", 1.0), ("prefix-cache", 0.5)],
+            [("finish-with-residents", 1.0), ("prefix-cache", 0.5)],
             "max-score",
             fallback=None,
             config={**GOODSERVE_CONFIG, "plan_quantile": "p50"},
