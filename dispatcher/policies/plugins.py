@@ -20,6 +20,17 @@ from .base import (
     register_scorer,
 )
 
+
+def pressure_share(miss_rate: float, lo: float, hi: float) -> float:
+    """How far the fleet is into the load-pressure band: 0 with ``lo`` or fewer of recent
+    requests late, 1 with ``hi`` or more, linear between (``near-best`` and the rescue)."""
+    if miss_rate <= lo:
+        return 0.0
+    span = hi - lo
+    w = (miss_rate - lo) / span if span > 0.0 else 1.0
+    return 1.0 if w > 1.0 else w
+
+
 # ------------------------------------------------------------------------- filters
 
 
@@ -305,9 +316,7 @@ class NearBest:
         keep, region = self.keep_slack, self.trust_region
         if self.pressure_keep is not None and ctx.miss_rate > self.pressure_lo:
             # a fleet that misses deadlines lacks capacity: keep less slack, pack further
-            span = self.pressure_hi - self.pressure_lo
-            w = (ctx.miss_rate - self.pressure_lo) / span if span > 0.0 else 1.0
-            w = 1.0 if w > 1.0 else w
+            w = pressure_share(ctx.miss_rate, self.pressure_lo, self.pressure_hi)
             if keep is not None and self.pressure_keep < keep:
                 keep += w * (self.pressure_keep - keep)
             if region < self.pressure_region < math.inf:
@@ -436,9 +445,7 @@ class FinishWithResidents:
         f = ctx.finish
         if self.weight <= 0.0 or ctx.miss_rate <= self.pressure_lo:
             return normalize_low_is_good(f, mask, ctx.est.scalar)
-        span = self.pressure_hi - self.pressure_lo
-        w = (ctx.miss_rate - self.pressure_lo) / span if span > 0.0 else 1.0
-        w = self.weight * (1.0 if w > 1.0 else w)
+        w = self.weight * pressure_share(ctx.miss_rate, self.pressure_lo, self.pressure_hi)
         est = ctx.est
         planned = ctx.planned_tokens
         per_token = est.k_ctx * (ctx.input_tokens + 0.5 * planned) + est.d1_tc
