@@ -8,8 +8,10 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from goodserve.dispatcher.estimator import FleetEstimator
+from goodserve.dispatcher.policies.base import RouteContext, make_scorer
 from goodserve.dispatcher.policies.registry import (
     BASELINES,
+    GOODSERVE_CONFIG,
     LEGACY_OFF,
     make_policy,
     policy_names,
@@ -249,6 +251,46 @@ def test_rescue_counts_the_delay_added_to_residents_under_pressure(
     if harm_weight and miss_rate >= 0.15:  # the same record without the weight: the old rule
         old = {k: v for k, v in rec.config.items() if k != "harm_weight"}
         assert replay(type(rec)(**{**_asdict(rec), "config": old}))[0] == "h100-1"
+
+
+def test_rescue_scores_are_earliest_finish_without_pressure() -> None:
+    """Below the pressure band, finish-with-residents scores every instance exactly as
+    earliest-finish does (the rescue of a calm fleet is unchanged, bit for bit); inside it,
+    an instance's score never rises with the requests it already runs."""
+    rng = np.random.default_rng(5)
+    gpus = ("V100", "A40", "A100", "H100", "L40S")
+    for _ in range(40):
+        est = fleet(*(gpus[int(g)] for g in rng.integers(0, len(gpus), size=6)))
+        for slot in range(len(est)):
+            beat(est, slot, running=int(rng.integers(0, 120)), waiting=int(rng.integers(0, 4)))
+        mask = rng.random(len(est)) < 0.8
+        mask[0] = True
+        tokens, planned = int(rng.integers(50, 4000)), float(rng.integers(20, 800))
+        ef = make_scorer("earliest-finish", {})
+        fwr = make_scorer("finish-with-residents", dict(GOODSERVE_CONFIG))
+        for miss in (0.0, 0.03, 0.05):
+            c = _rescue_ctx(est, tokens, planned, miss)
+            assert np.array_equal(fwr(c, mask), ef(c, mask))
+        c = _rescue_ctx(est, tokens, planned, 0.5)
+        old = make_scorer("finish-with-residents", {**GOODSERVE_CONFIG, "harm_weight": 0.0})
+        assert np.array_equal(old(c, mask), ef(c, mask))  # weight 0: at any pressure
+    # inside the band: the same fleet with more requests on instance 0 never scores it higher
+    est = fleet("H100", "A100")
+    fwr = make_scorer("finish-with-residents", dict(GOODSERVE_CONFIG))
+    prev = math.inf
+    for running in (0, 20, 60, 120):
+        beat(est, 0, running=running)
+        score = float(fwr(_rescue_ctx(est, 200, 300.0, 0.2), np.ones(2, dtype=bool))[0])
+        assert score <= prev
+        prev = score
+    assert prev < 1.0  # at 120 requests the idle A100 is the cheaper instance
+
+
+def _rescue_ctx(est: FleetEstimator, tokens: int, planned: float, miss: float) -> RouteContext:
+    c = RouteContext(est=est, now=0.0, input_tokens=tokens, planned_tokens=planned,
+                     deadline_in=5.0, model="default", seed=0)
+    c.miss_rate = miss
+    return c
 
 
 def test_miss_rate_counts_each_request_once() -> None:
