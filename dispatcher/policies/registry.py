@@ -16,10 +16,11 @@ finishes first (the best chance of success: with an uninformative predictor
 GoodServe thus behaves like earliest-finish instead of gambling on slow GPUs);
 when recent requests miss their deadlines, the delay it would add to the
 requests already on each instance counts too (a fleet short of capacity is
-not helped by piling everything onto its fastest GPU). Unless even there it would take more than ``hopeless_factor`` x the time left on
-its P50 length: then it cannot be met and is rejected early
-(``on_infeasible="reject"``, the default) rather than spending capacity other
-requests need. ``on_infeasible="best-effort"`` never rejects.
+not helped by piling everything onto its fastest GPU). If even there it would
+take more than ``hopeless_factor`` x the time left on its P50 length, it cannot
+be met and is rejected early (``on_infeasible="reject"``, the default) rather
+than spending capacity other requests need. ``on_infeasible="best-effort"``
+never rejects.
 | fastest-first | usable, model-match | earliest-finish (1) | max-score (load-aware earliest estimated finish) |
 | fastest-gpu | usable, model-match, kv-headroom | gpu-speed (1) | max-score (static: fastest GPU with KV room) |
 | least-request | usable, model-match | queue (1) | max-score |
