@@ -442,13 +442,12 @@ class FinishWithResidents:
     name: str = "finish-with-residents"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
-        f = ctx.finish
-        if self.weight <= 0.0 or ctx.miss_rate <= self.pressure_lo:
-            return normalize_low_is_good(f, mask, ctx.est.scalar)
+        f, est = ctx.finish, ctx.est
         w = self.weight * pressure_share(ctx.miss_rate, self.pressure_lo, self.pressure_hi)
-        est = ctx.est
+        if w <= 0.0:
+            return normalize_low_is_good(f, mask, est.scalar)
         planned = ctx.planned_tokens
-        per_token = est.k_ctx * (ctx.input_tokens + 0.5 * planned) + est.d1_tc
+        per_token = est.own_context_tpot(ctx.input_tokens, planned) + est.d1_tc
         added = est.active() * (per_token * planned + ctx.prefill)
         return normalize_low_is_good(f + w * added, mask)
 
