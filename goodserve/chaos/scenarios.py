@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from aiokafka.errors import KafkaError
 
 from goodserve.broker.apache import ApacheKafkaBroker
 from goodserve.schemas import AgentRequest, Assignment, DeadLetter, Heartbeat, encode
@@ -348,14 +349,28 @@ async def soak(*, duration_s: float = 600.0, rps: float = 500.0, warmup_s: float
         await gen.start()
         samples: list[dict[str, Any]] = []
         rss_start: dict[str, int] = {}
+        rss_steady: dict[str, int] = {}
+        steady_t: float | None = None
         t_start = time.monotonic()
+
+        async def steady_snapshot() -> None:
+            # its own clock: a backlog sample can take seconds on a busy host and must not
+            # make the steady-state snapshot miss its moment
+            nonlocal rss_steady, steady_t
+            await asyncio.sleep(steady_after_s)
+            rss_steady = cluster.rss()
+            steady_t = round(time.monotonic() - t_start, 1)
 
         async def sampler() -> None:
             nonlocal rss_start
             await asyncio.sleep(warm)
             rss_start = cluster.rss()
             while True:
-                lag = await requests_lag(cluster.settings)
+                try:
+                    lag: int | None = await asyncio.wait_for(
+                        requests_lag(cluster.settings), timeout=max(5.0, 2 * sample_s))
+                except (TimeoutError, KafkaError):
+                    lag = None  # recorded as unknown; the next sample tries again
                 done = sum(1 for r in gen.stats.ids if r in client.statuses)
                 samples.append({"t_s": round(time.monotonic() - t_start, 1),
                                 "requests_lag": lag,
@@ -367,23 +382,21 @@ async def soak(*, duration_s: float = 600.0, rps: float = 500.0, warmup_s: float
                 await asyncio.sleep(sample_s)
 
         smp = asyncio.create_task(sampler())
+        snap = asyncio.create_task(steady_snapshot())
         await gen.run(total=None, rps=rps, duration_s=duration_s)
         sent_s = time.monotonic() - t_start
         rss_end = cluster.rss()
         smp.cancel()
-        await asyncio.gather(smp, return_exceptions=True)
+        snap.cancel()
+        await asyncio.gather(smp, snap, return_exceptions=True)
         await gen.stop()
         waited = await wait_for_results(client, gen.stats.ids, timeout_s=result_timeout_s)
         figs = delivery_figures(client, gen.stats.ids)
         growth = {k: round(100.0 * (rss_end[k] - v) / v, 1) for k, v in rss_start.items()
                   if v and rss_end.get(k)}
-        steady = next((x for x in samples if x["t_s"] >= steady_after_s), None)
-        steady_growth = (
-            {k: round(100.0 * (rss_end[k] / 2**20 - v) / v, 1)
-             for k, v in steady["rss_mb"].items() if v and rss_end.get(k)}
-            if steady is not None else {}
-        )
-        lags = [x["requests_lag"] for x in samples]
+        steady_growth = {k: round(100.0 * (rss_end[k] - v) / v, 1) for k, v in rss_steady.items()
+                         if v and rss_end.get(k)}
+        lags = [x["requests_lag"] for x in samples if x["requests_lag"] is not None]
         outstanding = [x["outstanding"] for x in samples]
         half = len(lags) // 2
         figs.update({
@@ -400,7 +413,7 @@ async def soak(*, duration_s: float = 600.0, rps: float = 500.0, warmup_s: float
             "rss_end_mb": {k: round(v / 2**20, 1) for k, v in rss_end.items()},
             "rss_growth_pct": growth,
             "max_rss_growth_pct": max(growth.values()) if growth else None,
-            "rss_steady_from_s": steady["t_s"] if steady is not None else None,
+            "rss_steady_from_s": steady_t,
             "rss_steady_growth_pct": steady_growth,
             "max_rss_steady_growth_pct": max(steady_growth.values()) if steady_growth else None,
             "requests_lag_first_half_max": max(lags[:half], default=0),
