@@ -98,14 +98,17 @@ async def test_200_requests_through_three_gpu_types(kafka_settings: Settings, no
     chosen = {d.request_id: d.chosen for d in decisions}
     assert len(chosen) == 200
     assert all(chosen[r.request_id] == r.instance_id for r in results if r.migrations == 0)
-    # tight requests go to the fast GPUs (loose ones may fill the slow one)
-    slo = {r.request_id: r.slo_s for r in reqs}
-
-    def fast_share(s_: float) -> float:
-        mine = [r for r in results if slo[r.request_id] == s_]
-        return sum(r.instance_id != "v100" for r in mine) / max(len(mine), 1)
-
-    assert fast_share(5.0) >= fast_share(60.0) and fast_share(5.0) > 0.5
+    # At time_scale 0.02 every SLO here (5, 20, 60 s) is loose on every GPU, so which GPU a
+    # request gets is down to the queues of the moment (a couple of requests either way:
+    # comparing the SLO classes' shares was a coin flip). Which GPU a tight or a loose
+    # request should get is tested on hand-built fleets (tests/test_policies.py) and through
+    # real endpoints (tests/test_openai_backend.py). Here: each decision's record is
+    # coherent, and it promised what it chose: an eligible candidate that meets the deadline.
+    for d in decisions:
+        cands = {c.instance_id: c for c in d.candidates}
+        assert d.outcome == "assigned" and d.chosen in cands, d
+        assert cands[d.chosen].eligible and cands[d.chosen].slack_s > 0, d
+        assert d.deadline == pytest.approx(d.request.arrival + d.request.slo_s, abs=1e-6)
 
 
 async def test_two_dispatcher_replicas_share_the_load(kafka_settings: Settings) -> None:
