@@ -20,6 +20,16 @@ from .base import (
     register_scorer,
 )
 
+PRESSURE_LO, PRESSURE_HI = 0.05, 0.15
+"""The default load-pressure band: the share of recent requests late (``ctx.miss_rate``)
+at which pressure starts and at which it is full (``near-best`` and the rescue)."""
+
+
+def pressure_band(config: PolicyConfig) -> tuple[float, float]:
+    """``pressure_lo`` and ``pressure_hi`` from a policy's configuration."""
+    return (float(config.get("pressure_lo", PRESSURE_LO)),
+            float(config.get("pressure_hi", PRESSURE_HI)))
+
 
 def pressure_share(miss_rate: float, lo: float, hi: float) -> float:
     """How far the fleet is into the load-pressure band: 0 with ``lo`` or fewer of recent
@@ -300,8 +310,8 @@ class NearBest:
     pressure_region: float = math.inf
     """The trust region at full pressure (reached likewise from ``trust_region``). Pressure
     only ever keeps less slack and widens the region, never the other way."""
-    pressure_lo: float = 0.05
-    pressure_hi: float = 0.15
+    pressure_lo: float = PRESSURE_LO
+    pressure_hi: float = PRESSURE_HI
     name: str = "near-best"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
@@ -352,6 +362,7 @@ def _near_best(config: PolicyConfig) -> NearBest:
     # no trust_region: unbounded, unless the config predates keep_slack (then it was 0.5)
     region = config.get("trust_region", math.inf if keep is not None else 0.5)
     pk = config.get("pressure_keep_slack")
+    lo, hi = pressure_band(config)
     return NearBest(
         trust_region=math.inf if region is None else float(region),
         keep_slack=None if keep is None else float(keep),
@@ -359,8 +370,8 @@ def _near_best(config: PolicyConfig) -> NearBest:
         max_region=float(config.get("max_trust_region") or math.inf),
         pressure_keep=None if pk is None else float(pk),
         pressure_region=float(config.get("pressure_trust_region") or math.inf),
-        pressure_lo=float(config.get("pressure_lo", 0.05)),
-        pressure_hi=float(config.get("pressure_hi", 0.15)),
+        pressure_lo=lo,
+        pressure_hi=hi,
     )
 
 
@@ -437,8 +448,8 @@ class FinishWithResidents:
     """
 
     weight: float
-    pressure_lo: float = 0.05
-    pressure_hi: float = 0.15
+    pressure_lo: float = PRESSURE_LO
+    pressure_hi: float = PRESSURE_HI
     name: str = "finish-with-residents"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
@@ -507,10 +518,9 @@ for _cls in (JustEnough, EarliestFinish, QueueLength, KvUtilization, PrefixCache
 
 @register_scorer("finish-with-residents")
 def _finish_with_residents(config: PolicyConfig) -> FinishWithResidents:
+    lo, hi = pressure_band(config)
     return FinishWithResidents(
-        weight=float(config.get("harm_weight", 0.0)),
-        pressure_lo=float(config.get("pressure_lo", 0.05)),
-        pressure_hi=float(config.get("pressure_hi", 0.15)),
+        weight=float(config.get("harm_weight", 0.0)), pressure_lo=lo, pressure_hi=hi,
     )
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import plugins as _plugins  # noqa: F401  (registers the plugins)
+from . import plugins as _plugins  # registers the plugins; the pressure band
 from .base import Policy, PolicySpec
 
 BASIC = ["usable", "model-match"]
@@ -56,8 +56,8 @@ GOODSERVE_CONFIG: dict[str, Any] = {
     # trust_region to 1.5 (a fleet short of capacity needs every GPU's share)
     "pressure_keep_slack": 0.2,
     "pressure_trust_region": 1.5,
-    "pressure_lo": 0.05,
-    "pressure_hi": 0.15,
+    "pressure_lo": _plugins.PRESSURE_LO,
+    "pressure_hi": _plugins.PRESSURE_HI,
     # the rescue under the same pressure: the request's own finish plus 1 x the delay it
     # adds to the requests already on the instance (finish-with-residents)
     "harm_weight": 1.0,
