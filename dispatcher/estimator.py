@@ -85,6 +85,9 @@ DEFAULT_FINISH_ERR_PRIOR_WEIGHT = 4.0
 # model, and so re-seed its unmeasured peers (see FleetEstimator._learned_tpot): with the
 # EMA's alpha of 0.3, 97% of the way to a steady level.
 SEED_OBSERVATIONS = 10
+BUDGET_FLOOR_S = 0.05
+"""``budget_load``: a request this close to its deadline counts as if it had this much left
+(one that close is lost to any stall; without a floor it would count without bound)."""
 # An instance without a heartbeat for this long is stale: excluded from routing.
 DEFAULT_STALE_AFTER_S = 3.0
 # Per-request contexts (tokens) at which the TPOT plane is fitted to the performance model.
@@ -144,6 +147,8 @@ class TrackedRequest:
     late: bool = False
     """Counted as a miss in ``FleetEstimator.miss_rate`` already, or placed after its
     deadline (a move of a late request: not counted again)."""
+    row: int = -1
+    """Its row in the estimator's deadline table (``budget_load``); -1: not in it."""
 
 
 @dataclass(slots=True)
@@ -265,6 +270,12 @@ class FleetEstimator:
         # it stays as it is (still a lower bound) and _kv_room_freed asks for a recount.
         self._kv_room: dict[float, float] = {}
         self._kv_room_freed = False
+        # The deadlines of the tracked requests placed before them, with their slots, one row
+        # each (a removed row takes the last one's place): budget_load over them in one pass.
+        self._dl_slot = np.zeros(64, dtype=np.intp)
+        self._dl_deadline = np.zeros(64)
+        self._dl_rows: list[TrackedRequest] = []
+        self._budget_recorded: np.ndarray | None = None  # replay: what the decision saw
 
     # ---------------------------------------------------------------- membership
     def __len__(self) -> int:
@@ -750,6 +761,7 @@ class FleetEstimator:
         elif deadline < math.inf:
             self._due_seq += 1
             heapq.heappush(self._due, (deadline, self._due_seq, tr))
+            self._dl_add(tr)
             if len(self._due) > 2 * len(self.requests) + 1024:
                 self._prune_due()
         rem = planned_tokens - generated
@@ -849,8 +861,49 @@ class FleetEstimator:
             t += self._model_prefill(i, tr.input_tokens) * self.prefill_corr.item(i)
         return float(tr.deadline - now - t)
 
+    def _dl_add(self, tr: TrackedRequest) -> None:
+        row = len(self._dl_rows)
+        if row == len(self._dl_deadline):
+            self._dl_slot = np.concatenate([self._dl_slot, np.zeros(row, dtype=np.intp)])
+            self._dl_deadline = np.concatenate([self._dl_deadline, np.zeros(row)])
+        self._dl_slot[row] = tr.slot
+        self._dl_deadline[row] = tr.deadline
+        self._dl_rows.append(tr)
+        tr.row = row
+
+    def _dl_remove(self, tr: TrackedRequest) -> None:
+        row, last = tr.row, self._dl_rows.pop()
+        tr.row = -1
+        if last is not tr:  # the last row fills the hole
+            self._dl_rows[row] = last
+            last.row = row
+            self._dl_slot[row] = last.slot
+            self._dl_deadline[row] = last.deadline
+
+    def budget_load(self, now: float) -> np.ndarray:
+        """Per instance, the sum over its tracked requests not yet late of 1 / (seconds to
+        their deadline, at least ``BUDGET_FLOOR_S``).
+
+        A stall of s seconds there (a newcomer's prefill holds up every decode step) costs
+        them s x this, counted in shares of the time each had left: a stall is nothing to a
+        request with minutes to go and everything to one with a second. Heartbeats carry no
+        deadlines, so only this dispatcher's own requests count. A replayed estimator
+        returns what the decision saw (``InstanceView.budget_load``).
+        """
+        if self._budget_recorded is not None:
+            return self._budget_recorded
+        n = len(self._dl_rows)
+        if not n:
+            return np.zeros(len(self.infos))
+        left = self._dl_deadline[:n] - now
+        inv = 1.0 / np.maximum(left, BUDGET_FLOOR_S)
+        inv[left <= 0.0] = 0.0
+        return np.bincount(self._dl_slot[:n], weights=inv, minlength=len(self.infos))
+
     def _forget(self, tr: TrackedRequest) -> None:
         i = tr.slot
+        if tr.row >= 0:
+            self._dl_remove(tr)
         self.infos[i].requests.pop(tr.request_id, None)
         self.requests.pop(tr.request_id, None)
         self.n_active[i] = max(self.n_active[i] - 1, 0.0)
@@ -1170,6 +1223,7 @@ class FleetEstimator:
             )
         }
         err = self.finish_err()
+        budget = self.budget_load(now).tolist()
         out = []
         for i, info in enumerate(self.infos):
             ms = cols["min_slack"][i]
@@ -1203,6 +1257,7 @@ class FleetEstimator:
                     ctx_tokens=cols["ctx_tokens"][i],
                     finish_corr=cols["finish_corr"][i],
                     finish_err=float(err[i]),
+                    budget_load=budget[i],
                 )
             )
         return out
@@ -1252,6 +1307,7 @@ class FleetEstimator:
         est.ctx_tokens = col("ctx_tokens")
         est.finish_corr = col("finish_corr")
         est._finish_err = col("finish_err")  # what the decision saw, as it saw it
+        est._budget_recorded = col("budget_load")
         est.finish_lvar = est._finish_err**2
         est.finish_nobs = np.zeros(n)
         est.d1_tc = np.zeros(n)

@@ -166,6 +166,10 @@ class InstanceView(msgspec.Struct, kw_only=True):
     prefill_busy: float = 0.0
     finish_err: float = 0.0
     """RMS log error of the instance's finish estimates (0 in records made before it)."""
+    budget_load: float = 0.0
+    """Sum over the requests on the instance that are not yet late of 1 / (seconds left to
+    their deadline, at least 0.05): how much a stall of one second there costs them, as
+    shares of their remaining time (0 in records made before it)."""
 
 
 class Decision(Message, tag="decision", kw_only=True):

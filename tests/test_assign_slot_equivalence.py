@@ -6,6 +6,7 @@ finishes on a loaded fleet.
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -32,6 +33,10 @@ def _reference_assign(est: FleetEstimator, i: int, *a: float | int | str) -> Non
     )
     est.requests[request_id] = tr
     est.infos[i].requests[request_id] = tr
+    if tr.deadline <= tr.assigned_at:
+        tr.late = True
+    elif tr.deadline < math.inf:
+        est._dl_add(tr)  # the deadline table (budget_load); the heap of deadlines is no array
     rem = max(pl - generated, 1.0)
     est.n_active[i] = est.n_active.item(i) + 1.0
     est.ctx_tokens[i] = est.ctx_tokens.item(i) + tr.ctx

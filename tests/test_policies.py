@@ -253,10 +253,57 @@ def test_rescue_counts_the_delay_added_to_residents_under_pressure(
         assert replay(type(rec)(**{**_asdict(rec), "config": old}))[0] == "h100-1"
 
 
+# (case, deadline of one of the four requests on h100-1 (the rest: 60 s), stall_weight,
+#  expected). h100-0 runs five requests with 60 s to go, so h100-1 finishes the newcomer
+#  first (1.347 s against 1.358 s); neither makes its 1.3 s deadline.
+STALL_CASES = [
+    ("a request there has 0.3 s left: its 6k-token prefill's stall would cost it", 0.3, 1.0,
+     "h100-0"),
+    ("every request there has a minute left: where it finishes first", 60.0, 1.0, "h100-1"),
+    ("the one there is late already: nothing to save", -1.0, 1.0, "h100-1"),
+    ("records made before the rule replay without it", 0.3, 0.0, "h100-1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "tight_deadline", "stall_weight", "expected"),
+    STALL_CASES,
+    ids=[c[0] for c in STALL_CASES],
+)
+def test_rescue_weighs_the_prefill_stall_by_the_residents_time_left(
+    case: str, tight_deadline: float, stall_weight: float, expected: str
+) -> None:
+    est = fleet("H100", "H100")
+    for k in range(5):
+        est.on_assign("h100-0", request_id=f"a{k}", input_tokens=200, planned_tokens=50,
+                      deadline=60.0, now=-2.0)
+    for k in range(4):
+        est.on_assign("h100-1", request_id=f"b{k}", input_tokens=200, planned_tokens=50,
+                      deadline=tight_deadline if k == 0 else 60.0, now=-2.0)
+    _, _, _, finish = est.estimate(6000, 100)
+    assert 1.3 < finish[1] < finish[0] < 1.37
+    overrides = None if stall_weight == 1.0 else {"stall_weight": stall_weight}
+    pol = make_policy("goodserve", overrides) if overrides else "goodserve"
+    router = Router(estimator=est, predictor=FixedPredictor(100), policy=pol)
+    req = AgentRequest(request_id="r1", input_tokens=6000, max_tokens=4096, arrival=0.0, slo_s=1.3)
+    out = router.route(req, 0.0)
+    rec = out.record()
+    assert "goodserve-rescue" in out.how
+    assert rec.chosen == expected
+    assert replay(decode(encode(rec)))[0] == expected  # recorded: replay decides alike
+    if expected == "h100-0":  # the same record without the weight (an old one): the old rule
+        old = {k: v for k, v in rec.config.items() if k != "stall_weight"}
+        assert replay(type(rec)(**{**_asdict(rec), "config": old}))[0] == "h100-1"
+        # and a record without the budgets (made before InstanceView had them) likewise
+        views = [type(v)(**{**_asdict(v), "budget_load": 0.0}) for v in rec.instances]
+        assert replay(type(rec)(**{**_asdict(rec), "instances": views}))[0] == "h100-1"
+
+
 def test_rescue_scores_are_earliest_finish_without_pressure() -> None:
-    """Below the pressure band, finish-with-residents scores every instance exactly as
-    earliest-finish does (the rescue of a calm fleet is unchanged, bit for bit); inside it,
-    an instance's score never rises with the requests it already runs."""
+    """Below the pressure band and with none of our requests on the instances (no deadline
+    for a prefill to stall), finish-with-residents scores every instance exactly as
+    earliest-finish does (the rescue of a calm fleet is unchanged, bit for bit); inside
+    the band, an instance's score never rises with the requests it already runs."""
     rng = np.random.default_rng(5)
     gpus = ("V100", "A40", "A100", "H100", "L40S")
     for _ in range(40):

@@ -443,11 +443,25 @@ class FinishWithResidents:
     the request's own finish plus ``weight`` x the delay it adds to the requests there:
     one more sequence in each decode step (the TPOT slope and the attention over its own
     KV) for its planned length, and its prefill's stall, for each of them. At weight 1 the
-    pick is the one that adds least to the summed finish times of all requests. With no
-    pressure (or ``weight`` 0, as records made before it replay) it is earliest-finish.
+    pick is the one that adds least to the summed finish times of all requests.
+
+    At any load, the request's prefill stalls the decode steps of every request running
+    there, and that stall weighs by how close they are to their deadlines: ``stall_weight``
+    x the stall (the prefill's per-token compute; a decode step pays the fixed part
+    anyway) x ``budget_load`` (the sum of 1 / time left over those requests): shares of
+    their remaining time, scaled by the request's own time left into seconds of its own
+    budget. The same stall is nothing to requests with minutes to go and fatal to ones
+    with a second, so long prompts keep off instances whose requests are about to finish
+    in time. On the Azure code trace (prompts of 1-8k tokens, answers of ~10 tokens)
+    that is where the misses were: a small request's decode held up by the prefills of
+    later arrivals (docs/routing.md, session 11).
+
+    With no pressure and ``stall_weight`` 0 (as records made before them replay) it is
+    earliest-finish.
     """
 
     weight: float
+    stall_weight: float = 0.0
     pressure_lo: float = PRESSURE_LO
     pressure_hi: float = PRESSURE_HI
     name: str = "finish-with-residents"
@@ -455,12 +469,20 @@ class FinishWithResidents:
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
         f, est = ctx.finish, ctx.est
         w = self.weight * pressure_share(ctx.miss_rate, self.pressure_lo, self.pressure_hi)
-        if w <= 0.0:
+        left = ctx.deadline_in
+        stall = self.stall_weight > 0.0 and 0.0 < left < math.inf
+        if w <= 0.0 and not stall:
             return normalize_low_is_good(f, mask, est.scalar)
-        planned = ctx.planned_tokens
-        per_token = est.own_context_tpot(ctx.input_tokens, planned) + est.d1_tc
-        added = est.active() * (per_token * planned + ctx.prefill)
-        return normalize_low_is_good(f + w * added, mask)
+        cost = f
+        if stall:
+            # the prefill's own compute: a decode step pays its fixed cost anyway
+            stall = ctx.prefill - est.pbc
+            cost = cost + (self.stall_weight * left) * stall * est.budget_load(ctx.now)
+        if w > 0.0:
+            planned = ctx.planned_tokens
+            per_token = est.own_context_tpot(ctx.input_tokens, planned) + est.d1_tc
+            cost = cost + w * (est.active() * (per_token * planned + ctx.prefill))
+        return normalize_low_is_good(cost, mask)
 
 
 @dataclass(slots=True)
@@ -520,7 +542,10 @@ for _cls in (JustEnough, EarliestFinish, QueueLength, KvUtilization, PrefixCache
 def _finish_with_residents(config: PolicyConfig) -> FinishWithResidents:
     lo, hi = pressure_band(config)
     return FinishWithResidents(
-        weight=float(config.get("harm_weight", 0.0)), pressure_lo=lo, pressure_hi=hi,
+        weight=float(config.get("harm_weight", 0.0)),
+        stall_weight=float(config.get("stall_weight", 0.0)),
+        pressure_lo=lo,
+        pressure_hi=hi,
     )
 
 

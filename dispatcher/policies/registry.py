@@ -4,7 +4,7 @@
 |---|---|---|---|
 | goodserve | usable, model-match, near-best (keeps half the slack the earliest-finishing instance would leave, finishes within 2x of it; under load pressure, 5-15% of recent requests late, down to 0.2 of the slack within 2.5x), kv-headroom, meets-deadline, protects-residents (planning on the P90 length) | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
 | goodserve-adaptive | as goodserve, but near-best keeps u x half the best slack and finishes within 1 + min(0.75 / u, 2) of the best finish (u = 1 - P50 / P99, the length's uncertainty), meets-deadline's margin is the instance's learned error of its finish estimates (x 1.28, log scale) instead of 5%, and covers-tail prefers instances that still make it on the P99 | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
-| goodserve-rescue | usable, model-match, within-reach (planning on the P50 length) | finish-with-residents (1: earliest finish; under load pressure plus the delay the request adds to those already on the instance), prefix-cache (0.5) | max-score; none left: rejected |
+| goodserve-rescue | usable, model-match, within-reach (planning on the P50 length) | finish-with-residents (1: earliest finish, plus the stall its prefill puts on the requests running there weighed by how close each is to its deadline; under load pressure also the delay the request adds to them), prefix-cache (0.5) | max-score; none left: rejected |
 | goodserve-p50 | as goodserve, planning on the P50 length (for experiments) | just-enough (1) | max-score; fallback goodserve-rescue |
 | goodserve-nomigrate | same as goodserve | just-enough (1) | max-score; never migrates |
 | goodserve-packed | as goodserve keeping no slack (packs onto the slowest instance that makes it) | just-enough (1), prefix-cache (2) | max-score; migrates |
@@ -61,6 +61,9 @@ GOODSERVE_CONFIG: dict[str, Any] = {
     # the rescue under the same pressure: the request's own finish plus 1 x the delay it
     # adds to the requests already on the instance (finish-with-residents)
     "harm_weight": 1.0,
+    # ... and at any load the stall its prefill puts on the requests running there, weighed
+    # by how close each is to its deadline (finish-with-residents, budget_load)
+    "stall_weight": 1.0,
 }
 
 # goodserve-adaptive (session 4, not the default: see docs/routing.md): slack kept in
@@ -88,6 +91,7 @@ LEGACY_OFF: dict[str, Any] = {
     "cover_tail": False,
     "pressure_keep_slack": None,
     "harm_weight": 0.0,
+    "stall_weight": 0.0,
 }
 
 GOODSERVE_FILTERS = ["near-best", "kv-headroom", "meets-deadline", "protects-residents"]

@@ -1,0 +1,63 @@
+"""``FleetEstimator.budget_load`` (the deadline table behind the rescue's stall cost) always
+equals the plain sum over the tracked requests, through assignments, moves and finishes."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+from goodserve.dispatcher.estimator import BUDGET_FLOOR_S, FleetEstimator
+
+from goodserve.testing.snapshots import fleet
+
+
+def _plain(est: FleetEstimator, now: float) -> np.ndarray:
+    out = np.zeros(len(est))
+    for i, info in enumerate(est.infos):
+        for tr in info.requests.values():
+            left = tr.deadline - now
+            if 0.0 < left < math.inf and tr.deadline > tr.assigned_at:
+                out[i] += 1.0 / max(left, BUDGET_FLOOR_S)
+    return out
+
+
+def test_budget_load_is_the_sum_over_the_tracked_requests() -> None:
+    est = fleet("H100", "A100", "A40", "V100", "L40S")
+    ids = est.ids
+    rng = random.Random(11)
+    live: list[str] = []
+    for k in range(2500):
+        now = k * 0.01
+        roll = rng.random()
+        if roll < 0.55 or not live:
+            deadline = rng.choice([now + rng.uniform(0.01, 30.0), now - 1.0, math.inf])
+            est.on_assign(rng.choice(ids), request_id=f"r{k}", input_tokens=rng.randint(1, 4000),
+                          planned_tokens=float(rng.randint(1, 500)), deadline=deadline, now=now)
+            live.append(f"r{k}")
+        elif roll < 0.7:
+            assert est.move(rng.choice(live), rng.choice(ids), now=now)
+        else:
+            est.on_finish(live.pop(rng.randrange(len(live))), now=now)
+        if k % 50 == 0:
+            got = est.budget_load(now + rng.uniform(0.0, 5.0) if k % 100 else now)
+            assert got.shape == (len(est),)
+        if k % 37 == 0:
+            t = now + rng.uniform(0.0, 3.0)
+            assert np.allclose(est.budget_load(t), _plain(est, t), rtol=1e-12, atol=0.0), k
+    # the table holds exactly the requests placed before their deadlines, and no others
+    assert len(est._dl_rows) == sum(
+        1 for tr in est.requests.values() if tr.assigned_at < tr.deadline < math.inf
+    )
+    for row, tr in enumerate(est._dl_rows):
+        assert tr.row == row and est.requests[tr.request_id] is tr
+
+
+def test_a_replayed_estimator_returns_the_recorded_budgets() -> None:
+    est = fleet("H100", "A100")
+    est.on_assign("h100-0", request_id="a", input_tokens=100, planned_tokens=10.0,
+                  deadline=2.0, now=0.0)
+    views = est.views(1.0)
+    assert [v.budget_load for v in views] == [1.0, 0.0]
+    again = FleetEstimator.from_views(views)
+    assert again.budget_load(123.0).tolist() == [1.0, 0.0]  # as the decision saw it
