@@ -18,7 +18,14 @@ from goodserve.dispatcher.policies.registry import (
 )
 from goodserve.dispatcher.predictor.model import ConstantPredictor
 from goodserve.dispatcher.router import Router, replay
-from goodserve.schemas import AgentRequest, Heartbeat, RequestProgress, decode, encode
+from goodserve.schemas import (
+    AgentRequest,
+    Decision,
+    Heartbeat,
+    RequestProgress,
+    decode,
+    encode,
+)
 
 from goodserve.sim.oracle import OraclePrediction
 from goodserve.testing.snapshots import beat, fleet
@@ -240,17 +247,27 @@ def test_rescue_counts_the_delay_added_to_residents_under_pressure(
     _, _, _, finish = est.estimate(100, 200)
     assert 4.0 < finish[1] < 4.7 < 5.8 < finish[0] < 6.0  # neither promises a 4 s deadline
     overrides = None if harm_weight == 1.0 else {"harm_weight": harm_weight}
-    pol = make_policy("goodserve", overrides) if overrides else "goodserve"
-    router = Router(estimator=est, predictor=FixedPredictor(200), policy=pol)
-    req = AgentRequest(request_id="r1", input_tokens=100, max_tokens=4096, arrival=0.0, slo_s=4.0)
-    out = router.route(req, 0.0)
-    rec = out.record()
+    rec = _rescued(est, overrides, p50=200, input_tokens=100, slo_s=4.0)
     assert rec.chosen == expected
-    assert "goodserve-rescue" in out.how
     assert replay(decode(encode(rec)))[0] == expected  # recorded: replay decides alike
     if harm_weight and miss_rate >= 0.15:  # the same record without the weight: the old rule
         old = {k: v for k, v in rec.config.items() if k != "harm_weight"}
         assert replay(type(rec)(**{**_asdict(rec), "config": old}))[0] == "h100-1"
+
+
+def _rescued(
+    est: FleetEstimator, overrides: dict[str, object] | None, *, p50: float,
+    input_tokens: int, slo_s: float,
+) -> Decision:
+    """Route one request at t=0 with ``goodserve`` (and ``overrides``); it must fall to the
+    rescue. Returns the decision's audit record."""
+    pol = make_policy("goodserve", overrides) if overrides else "goodserve"
+    router = Router(estimator=est, predictor=FixedPredictor(p50), policy=pol)
+    req = AgentRequest(request_id="r1", input_tokens=input_tokens, max_tokens=4096,
+                       arrival=0.0, slo_s=slo_s)
+    out = router.route(req, 0.0)
+    assert "goodserve-rescue" in out.how
+    return out.record()
 
 
 # (case, deadline of one of the four requests on h100-1 (the rest: 60 s), stall_weight,
@@ -283,12 +300,7 @@ def test_rescue_weighs_the_prefill_stall_by_the_residents_time_left(
     _, _, _, finish = est.estimate(6000, 100)
     assert 1.3 < finish[1] < finish[0] < 1.37
     overrides = None if stall_weight == 1.0 else {"stall_weight": stall_weight}
-    pol = make_policy("goodserve", overrides) if overrides else "goodserve"
-    router = Router(estimator=est, predictor=FixedPredictor(100), policy=pol)
-    req = AgentRequest(request_id="r1", input_tokens=6000, max_tokens=4096, arrival=0.0, slo_s=1.3)
-    out = router.route(req, 0.0)
-    rec = out.record()
-    assert "goodserve-rescue" in out.how
+    rec = _rescued(est, overrides, p50=100, input_tokens=6000, slo_s=1.3)
     assert rec.chosen == expected
     assert replay(decode(encode(rec)))[0] == expected  # recorded: replay decides alike
     if expected == "h100-0":  # the same record without the weight (an old one): the old rule
