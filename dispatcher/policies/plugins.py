@@ -470,11 +470,11 @@ class FinishWithResidents:
         f, est = ctx.finish, ctx.est
         w = self.weight * pressure_share(ctx.miss_rate, self.pressure_lo, self.pressure_hi)
         left = ctx.deadline_in
-        stall = self.stall_weight > 0.0 and 0.0 < left < math.inf
-        if w <= 0.0 and not stall:
+        weigh_stall = self.stall_weight > 0.0 and 0.0 < left < math.inf
+        if w <= 0.0 and not weigh_stall:
             return normalize_low_is_good(f, mask, est.scalar)
         cost = f
-        if stall:
+        if weigh_stall:
             # the prefill's own compute: a decode step pays its fixed cost anyway
             stall = ctx.prefill - est.pbc
             cost = cost + (self.stall_weight * left) * stall * est.budget_load(ctx.now)
