@@ -88,6 +88,9 @@ SEED_OBSERVATIONS = 10
 BUDGET_FLOOR_S = 0.05
 """``budget_load``: a request this close to its deadline counts as if it had this much left
 (one that close is lost to any stall; without a floor it would count without bound)."""
+BUDGET_TICK_S = 0.005
+"""``budget_load`` passes over every tracked deadline at most this often; in between, each
+placement and finish adds or removes its own term (at the last pass's time)."""
 # An instance without a heartbeat for this long is stale: excluded from routing.
 DEFAULT_STALE_AFTER_S = 3.0
 # Per-request contexts (tokens) at which the TPOT plane is fitted to the performance model.
@@ -276,6 +279,8 @@ class FleetEstimator:
         self._dl_deadline = np.zeros(64)
         self._dl_rows: list[TrackedRequest] = []
         self._budget_recorded: np.ndarray | None = None  # replay: what the decision saw
+        self._budget: np.ndarray | None = None  # budget_load at _budget_at, kept up to date
+        self._budget_at = -math.inf
 
     # ---------------------------------------------------------------- membership
     def __len__(self) -> int:
@@ -870,10 +875,18 @@ class FleetEstimator:
         self._dl_deadline[row] = tr.deadline
         self._dl_rows.append(tr)
         tr.row = row
+        if self._budget is not None:
+            left = tr.deadline - self._budget_at
+            if left > 0.0:
+                self._budget[tr.slot] += 1.0 / (BUDGET_FLOOR_S if BUDGET_FLOOR_S > left else left)
 
     def _dl_remove(self, tr: TrackedRequest) -> None:
         row, last = tr.row, self._dl_rows.pop()
         tr.row = -1
+        if self._budget is not None:
+            left = tr.deadline - self._budget_at
+            if left > 0.0:
+                self._budget[tr.slot] -= 1.0 / (BUDGET_FLOOR_S if BUDGET_FLOOR_S > left else left)
         if last is not tr:  # the last row fills the hole
             self._dl_rows[row] = last
             last.row = row
@@ -889,16 +902,29 @@ class FleetEstimator:
         request with minutes to go and everything to one with a second. Heartbeats carry no
         deadlines, so only this dispatcher's own requests count. A replayed estimator
         returns what the decision saw (``InstanceView.budget_load``).
+
+        Every decision may ask, so the sum is kept: a pass over the table at most every
+        ``BUDGET_TICK_S``, and in between each placement and finish adds or removes its
+        own term, taken at the pass's time (a request whose deadline passed since then
+        counts until the next pass). Do not modify the array returned.
         """
         if self._budget_recorded is not None:
             return self._budget_recorded
+        b = self._budget
+        if b is not None and 0.0 <= now - self._budget_at < BUDGET_TICK_S and len(b) == len(
+            self.infos
+        ):
+            return b
         n = len(self._dl_rows)
-        if not n:
-            return np.zeros(len(self.infos))
-        left = self._dl_deadline[:n] - now
-        inv = 1.0 / np.maximum(left, BUDGET_FLOOR_S)
-        inv[left <= 0.0] = 0.0
-        return np.bincount(self._dl_slot[:n], weights=inv, minlength=len(self.infos))
+        if n:
+            left = self._dl_deadline[:n] - now
+            inv = 1.0 / np.maximum(left, BUDGET_FLOOR_S)
+            inv[left <= 0.0] = 0.0
+            b = np.bincount(self._dl_slot[:n], weights=inv, minlength=len(self.infos))
+        else:
+            b = np.zeros(len(self.infos))
+        self._budget, self._budget_at = b, now
+        return b
 
     def _forget(self, tr: TrackedRequest) -> None:
         i = tr.slot

@@ -39,8 +39,11 @@ def _plain(name: str, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
         return mask & (est.hb_kv_used + need <= est.kv_total * 0.98)
     if name == "meets-deadline":
         return mask & (f <= (ctx.deadline_in - 0.05) / 1.05)
-    assert name == "protects-residents"
     n_new = max(ctx.input_tokens - float(ctx.cached), 1.0)
+    if name == "spares-deadlines":
+        stall = est.prefill(n_new, ctx.cached) - est.pbc
+        return mask & (stall * est.budget_load(ctx.now) <= 0.3)
+    assert name == "protects-residents"
     per_token = est.d1_tc + est.k_ctx * (ctx.input_tokens + 0.5 * ctx.planned_tokens)
     delay = per_token * np.minimum(est.rem_at_min, ctx.planned_tokens) + est.prefill(n_new)
     return mask & ((est.min_slack >= delay) | (est.min_slack < 0.0))

@@ -50,6 +50,8 @@ def _plain_select(ctx: RouteContext) -> tuple[int | None, np.ndarray, np.ndarray
     per_token = est.d1_tc + est.k_ctx * (ctx.input_tokens + 0.5 * ctx.planned_tokens)
     delay = per_token * np.minimum(est.rem_at_min, ctx.planned_tokens) + prefill
     mask = mask & ((est.min_slack >= delay) | (est.min_slack < 0.0))
+    # spares-deadlines: the prefill's own compute x the requests' summed 1 / time left
+    mask = mask & ((prefill - est.pbc) * est.budget_load(ctx.now) <= 0.3)
     if not mask.any():
         return None, mask, np.zeros(len(est))
     slack = ctx.deadline_in - f

@@ -186,6 +186,32 @@ class ProtectsResidents:
 
 
 @dataclass(slots=True)
+class SparesDeadlines:
+    """The newcomer's prefill must not take more than ``limit`` of the time the requests
+    running there have left to their deadlines, summed over them.
+
+    Its prefill stalls every decode step there. ``protects-residents`` guards the tightest
+    request against being pushed past its deadline by the estimates; this guards the
+    many that are close to theirs, counted in shares of their time left
+    (``FleetEstimator.budget_load``), whatever the estimates of their finish say. On the
+    Azure code trace the misses were small requests held up by later arrivals' long
+    prefills (docs/routing.md). With no instance left the request goes to the rescue,
+    which weighs the same stall against the finish.
+    """
+
+    limit: float
+    name: str = "spares-deadlines"
+
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        if not math.isfinite(self.limit):
+            return mask
+        est = ctx.est
+        # the prefill's own compute, as finish-with-residents counts it
+        ok = (ctx.prefill - est.pbc) * est.budget_load(ctx.now) <= self.limit
+        return np.logical_and(mask, ok, out=ok)
+
+
+@dataclass(slots=True)
 class WithinReach:
     """Not hopeless: estimated finish within ``factor`` x the time left.
 
@@ -402,6 +428,12 @@ def _meets(config: PolicyConfig) -> MeetsDeadline:
 @register_filter("protects-residents")
 def _protects(config: PolicyConfig) -> ProtectsResidents:
     return ProtectsResidents()
+
+
+@register_filter("spares-deadlines")
+def _spares(config: PolicyConfig) -> SparesDeadlines:
+    limit = config.get("stall_limit")
+    return SparesDeadlines(limit=math.inf if limit is None else float(limit))
 
 
 # ------------------------------------------------------------------------- scorers

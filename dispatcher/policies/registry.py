@@ -2,7 +2,7 @@
 
 | name | filters | scorers (weight) | picker |
 |---|---|---|---|
-| goodserve | usable, model-match, near-best (keeps half the slack the earliest-finishing instance would leave, finishes within 2x of it; under load pressure, 5-15% of recent requests late, down to 0.2 of the slack within 2.5x), kv-headroom, meets-deadline, protects-residents (planning on the P90 length) | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
+| goodserve | usable, model-match, near-best (keeps half the slack the earliest-finishing instance would leave, finishes within 2x of it; under load pressure, 5-15% of recent requests late, down to 0.2 of the slack within 2.5x), kv-headroom, meets-deadline, protects-residents (planning on the P90 length), spares-deadlines (its prefill takes at most 30% of the time left of the requests running there, summed) | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
 | goodserve-adaptive | as goodserve, but near-best keeps u x half the best slack and finishes within 1 + min(0.75 / u, 2) of the best finish (u = 1 - P50 / P99, the length's uncertainty), meets-deadline's margin is the instance's learned error of its finish estimates (x 1.28, log scale) instead of 5%, and covers-tail prefers instances that still make it on the P99 | just-enough (1), prefix-cache (2) | max-score; fallback goodserve-rescue; migrates |
 | goodserve-rescue | usable, model-match, within-reach (planning on the P50 length) | finish-with-residents (1: earliest finish, plus the stall its prefill puts on the requests running there weighed by how close each is to its deadline; under load pressure also the delay the request adds to them), prefix-cache (0.5) | max-score; none left: rejected |
 | goodserve-p50 | as goodserve, planning on the P50 length (for experiments) | just-enough (1) | max-score; fallback goodserve-rescue |
@@ -64,6 +64,9 @@ GOODSERVE_CONFIG: dict[str, Any] = {
     # ... and at any load the stall its prefill puts on the requests running there, weighed
     # by how close each is to its deadline (finish-with-residents, budget_load)
     "stall_weight": 1.0,
+    # spares-deadlines: an instance where the request's prefill would take more than 30% of
+    # the time left of the requests running there (summed) is not a candidate
+    "stall_limit": 0.3,
 }
 
 # goodserve-adaptive (session 4, not the default: see docs/routing.md): slack kept in
@@ -92,9 +95,16 @@ LEGACY_OFF: dict[str, Any] = {
     "pressure_keep_slack": None,
     "harm_weight": 0.0,
     "stall_weight": 0.0,
+    "stall_limit": None,
 }
 
-GOODSERVE_FILTERS = ["near-best", "kv-headroom", "meets-deadline", "protects-residents"]
+GOODSERVE_FILTERS = [
+    "near-best",
+    "kv-headroom",
+    "meets-deadline",
+    "protects-residents",
+    "spares-deadlines",
+]
 
 # Just enough, and among those that are, where the prompt is cached (a cache hit saves
 # the prefill compute every other request on that instance would wait for).
