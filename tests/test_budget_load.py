@@ -1,5 +1,6 @@
-"""``FleetEstimator.budget_load`` (the deadline table behind the rescue's stall cost) always
-equals the plain sum over the tracked requests, through assignments, moves and finishes."""
+"""``FleetEstimator.budget_load`` (the deadline table behind the stall rules) equals the
+plain sum over the tracked requests, through assignments, moves and finishes; between
+passes it is kept term by term."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import random
 
 import numpy as np
-from goodserve.dispatcher.estimator import BUDGET_FLOOR_S, FleetEstimator
+from goodserve.dispatcher.estimator import BUDGET_FLOOR_S, BUDGET_TICK_S, FleetEstimator
 
 from goodserve.testing.snapshots import fleet
 
@@ -61,3 +62,35 @@ def test_a_replayed_estimator_returns_the_recorded_budgets() -> None:
     assert [v.budget_load for v in views] == [1.0, 0.0]
     again = FleetEstimator.from_views(views)
     assert again.budget_load(123.0).tolist() == [1.0, 0.0]  # as the decision saw it
+
+
+def test_budget_load_is_kept_between_passes() -> None:
+    """Within BUDGET_TICK_S of a pass, placements and finishes add and remove their own
+    terms (taken at the pass's time) instead of a new pass; after it, a new pass."""
+    est = fleet("H100", "A100", "A40")
+    ids = est.ids
+    t0 = 10.0
+    est.budget_load(t0)  # a pass
+    rng = random.Random(4)
+    live: list[str] = []
+    for k in range(300):
+        now = t0 + BUDGET_TICK_S * 0.9 * k / 300
+        if rng.random() < 0.6 or not live:
+            est.on_assign(rng.choice(ids), request_id=f"r{k}", input_tokens=100,
+                          planned_tokens=10.0, deadline=now + rng.uniform(0.01, 5.0), now=now)
+            live.append(f"r{k}")
+        else:
+            est.on_finish(live.pop(rng.randrange(len(live))), now=now)
+    kept = est.budget_load(t0 + BUDGET_TICK_S * 0.95).copy()
+    assert np.allclose(kept, _plain(est, t0), rtol=1e-9, atol=1e-9)  # terms at the pass
+    later = t0 + 2 * BUDGET_TICK_S
+    assert est.budget_load(later).tolist() == _plain_pass(est, later)  # a new pass
+
+
+def _plain_pass(est: FleetEstimator, now: float) -> list[float]:
+    """What a pass computes, with the same operations in the same order (bit for bit)."""
+    n = len(est._dl_rows)
+    left = est._dl_deadline[:n] - now
+    inv = 1.0 / np.maximum(left, BUDGET_FLOOR_S)
+    inv[left <= 0.0] = 0.0
+    return np.bincount(est._dl_slot[:n], weights=inv, minlength=len(est)).tolist()

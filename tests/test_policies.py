@@ -311,6 +311,49 @@ def test_rescue_weighs_the_prefill_stall_by_the_residents_time_left(
         assert replay(type(rec)(**{**_asdict(rec), "instances": views}))[0] == "h100-1"
 
 
+# (case, deadline of one request on h100-0 / on h100-1 (the rest: 60 s), stall_limit,
+#  expected, how). Both H100s make a 10 s deadline; h100-1 runs 8 requests, h100-0 four, so
+#  just-enough would take h100-1 (it leaves the least slack).
+SPARES_CASES = [
+    ("a request on h100-1 has 0.3 s left: the 6k-token prefill goes elsewhere",
+     60.0, 0.3, 0.3, "h100-0", "goodserve: max-score"),
+    ("every request has a minute left: just enough", 60.0, 60.0, 0.3, "h100-1",
+     "goodserve: max-score"),
+    ("both have one about to finish: the rescue weighs the stall",
+     0.3, 0.3, 0.3, "h100-0", "goodserve-rescue"),
+    ("records made before the rule replay without it", 60.0, 0.3, None, "h100-1",
+     "goodserve: max-score"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "deadline0", "deadline1", "limit", "expected", "how"),
+    SPARES_CASES,
+    ids=[c[0] for c in SPARES_CASES],
+)
+def test_prefill_spares_the_deadlines_of_the_requests_running_there(
+    case: str, deadline0: float, deadline1: float, limit: float | None, expected: str, how: str
+) -> None:
+    est = fleet("H100", "H100")
+    for k in range(4):
+        est.on_assign("h100-0", request_id=f"a{k}", input_tokens=200, planned_tokens=50,
+                      deadline=deadline0 if k == 0 else 60.0, now=-2.0)
+    for k in range(8):
+        est.on_assign("h100-1", request_id=f"b{k}", input_tokens=200, planned_tokens=50,
+                      deadline=deadline1 if k == 0 else 60.0, now=-2.0)
+    pol = make_policy("goodserve", None if limit == 0.3 else {"stall_limit": limit})
+    router = Router(estimator=est, predictor=FixedPredictor(100), policy=pol)
+    req = AgentRequest(request_id="r1", input_tokens=6000, max_tokens=4096, arrival=0.0,
+                       slo_s=10.0)
+    out = router.route(req, 0.0)
+    rec = out.record()
+    assert rec.chosen == expected and how in out.how
+    assert replay(decode(encode(rec)))[0] == expected  # recorded: replay decides alike
+    if limit is not None and expected == "h100-0" and how.startswith("goodserve:"):
+        old = {k: v for k, v in rec.config.items() if k != "stall_limit"}  # an old record
+        assert replay(type(rec)(**{**_asdict(rec), "config": old}))[0] == "h100-1"
+
+
 def test_rescue_scores_are_earliest_finish_without_pressure() -> None:
     """Below the pressure band and with none of our requests on the instances (no deadline
     for a prefill to stall), finish-with-residents scores every instance exactly as
