@@ -876,17 +876,20 @@ class FleetEstimator:
         self._dl_rows.append(tr)
         tr.row = row
         if self._budget is not None:
-            left = tr.deadline - self._budget_at
-            if left > 0.0:
-                self._budget[tr.slot] += 1.0 / (BUDGET_FLOOR_S if BUDGET_FLOOR_S > left else left)
+            self._budget[tr.slot] += self._budget_term(tr.deadline)
+
+    def _budget_term(self, deadline: float) -> float:
+        """One request's term of the kept ``budget_load``, at the last pass's time."""
+        left = deadline - self._budget_at
+        if left <= 0.0:
+            return 0.0
+        return 1.0 / (BUDGET_FLOOR_S if BUDGET_FLOOR_S > left else left)
 
     def _dl_remove(self, tr: TrackedRequest) -> None:
         row, last = tr.row, self._dl_rows.pop()
         tr.row = -1
         if self._budget is not None:
-            left = tr.deadline - self._budget_at
-            if left > 0.0:
-                self._budget[tr.slot] -= 1.0 / (BUDGET_FLOOR_S if BUDGET_FLOOR_S > left else left)
+            self._budget[tr.slot] -= self._budget_term(tr.deadline)
         if last is not tr:  # the last row fills the hole
             self._dl_rows[row] = last
             last.row = row
