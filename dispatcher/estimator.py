@@ -281,6 +281,9 @@ class FleetEstimator:
         self._budget_recorded: np.ndarray | None = None  # replay: what the decision saw
         self._budget: np.ndarray | None = None  # budget_load at _budget_at, kept up to date
         self._budget_at = -math.inf
+        # upper bounds of max(budget_load * pfc) and max(budget_load * pqc) over instances,
+        # for the kept budget_load (None: to compute): see stall_bound
+        self._stall_max: tuple[float, float] | None = None
 
     # ---------------------------------------------------------------- membership
     def __len__(self) -> int:
@@ -375,6 +378,7 @@ class FleetEstimator:
         """Adopt a coefficient matrix; its rows become the named per-instance vectors."""
         self._coef = np.ascontiguousarray(coef, dtype=float)
         self.q_cache, self.pbc, self.pfc, self.pqc, self.d_cache, self.k_ctx = self._coef
+        self._stall_max = None
         self._prefill_coef = self._coef[1:4]  # pbc, pfc, pqc
 
     def all_slots(self) -> np.ndarray:
@@ -568,8 +572,11 @@ class FleetEstimator:
         pc = self.prefill_corr.item(i)
         self.d1_tc[i] = self.d1.item(i) * tcorr
         self.pbc[i] = self.pb.item(i) * pc
-        self.pfc[i] = self.pf.item(i) * pc
-        self.pqc[i] = self.pq.item(i) * pc
+        pfc = self.pf.item(i) * pc
+        pqc = self.pq.item(i) * pc
+        self.pfc[i] = pfc
+        self.pqc[i] = pqc
+        self._raise_stall_max(i, pfc, pqc)
 
     def _refresh_load(self, i: int, batch_state: tuple[float, float, float] | None = None) -> None:
         """The part of ``_refresh`` that an assignment changes (its load and prefill stall,
@@ -875,8 +882,11 @@ class FleetEstimator:
         self._dl_deadline[row] = tr.deadline
         self._dl_rows.append(tr)
         tr.row = row
-        if self._budget is not None:
-            self._budget[tr.slot] += self._budget_term(tr.deadline)
+        b = self._budget
+        if b is not None:
+            i = tr.slot
+            b[i] += self._budget_term(tr.deadline)
+            self._raise_stall_max(i, self.pfc.item(i), self.pqc.item(i))
 
     def _budget_term(self, deadline: float) -> float:
         """One request's term of the kept ``budget_load``, at the last pass's time."""
@@ -927,7 +937,41 @@ class FleetEstimator:
         else:
             b = np.zeros(len(self.infos))
         self._budget, self._budget_at = b, now
+        self._stall_max = None
         return b
+
+    def _raise_stall_max(self, i: int, pfc: float, pqc: float) -> None:
+        """Keep ``stall_bound`` an upper bound after instance i's budget or coefficients grew
+        (where they shrank it stays one, only looser, until the next pass)."""
+        sm, b = self._stall_max, self._budget
+        if sm is None or b is None or i >= len(b):
+            return
+        bi = b.item(i)
+        u, v = bi * pfc, bi * pqc
+        if u > sm[0] or v > sm[1]:
+            self._stall_max = (u if u > sm[0] else sm[0], v if v > sm[1] else sm[1])
+
+    def stall_bound(self, now: float) -> tuple[float, float]:
+        """Upper bounds (U, V) of ``budget_load(now) * pfc`` and ``budget_load(now) * pqc``
+        over the instances.
+
+        A prompt of m new tokens after c cached ones stalls instance i for
+        ``m * pfc + m (2c + m) * pqc`` seconds of prefill compute, so
+        ``m * U + m (2c + m) * V`` bounds that stall times ``budget_load`` on every
+        instance at once: when it is below a limit, no instance need be looked at
+        (``spares-deadlines``). Kept with the budget: computed after each pass, raised by
+        each placement's term and each change of an instance's coefficients.
+        """
+        b = self.budget_load(now)
+        if self._budget_recorded is not None:  # a replayed decision: no kept state
+            return float((b * self.pfc).max(initial=0.0)), float((b * self.pqc).max(initial=0.0))
+        sm = self._stall_max
+        if sm is None:
+            sm = self._stall_max = (
+                float((b * self.pfc).max(initial=0.0)),
+                float((b * self.pqc).max(initial=0.0)),
+            )
+        return sm
 
     def _forget(self, tr: TrackedRequest) -> None:
         i = tr.slot

@@ -94,3 +94,41 @@ def _plain_pass(est: FleetEstimator, now: float) -> list[float]:
     inv = 1.0 / np.maximum(left, BUDGET_FLOOR_S)
     inv[left <= 0.0] = 0.0
     return np.bincount(est._dl_slot[:n], weights=inv, minlength=len(est)).tolist()
+
+
+def test_stall_bound_stays_above_every_instances_stall_rate() -> None:
+    """``stall_bound`` = (U, V) with U >= budget_load * pfc and V >= budget_load * pqc on
+    every instance, through placements, finishes, passes, corrections that raise an
+    instance's prefill coefficients, and a new instance; right after a pass it is exact."""
+    est = fleet("H100", "A100", "A40", "V100")
+    ids = est.ids
+    rng = random.Random(5)
+    live: list[str] = []
+    raised = 0
+    for k in range(1500):
+        now = 3.0 + k * BUDGET_TICK_S * rng.choice([0.1, 0.5, 1.5])
+        roll = rng.random()
+        if roll < 0.5 or not live:
+            est.on_assign(rng.choice(ids), request_id=f"r{k}", input_tokens=rng.randint(1, 4000),
+                          planned_tokens=float(rng.randint(1, 500)),
+                          deadline=now + rng.uniform(0.01, 20.0), now=now)
+            live.append(f"r{k}")
+        elif roll < 0.8:
+            est.on_finish(live.pop(rng.randrange(len(live))), now=now)
+        elif roll < 0.95:  # a correction: the instance's prefill got slower or faster
+            i = rng.randrange(len(est))
+            before = est._stall_max
+            est.prefill_corr[i] *= rng.choice([0.5, 1.5, 3.0])
+            est._refresh(i)
+            raised += before is not None and est._stall_max != before
+        if k == 700:
+            ids.append("h100-new")
+            est.add_instance("h100-new", gpu="H100", now=now, alive=True)
+        u, v = est.stall_bound(now)
+        b = est.budget_load(now)
+        assert u >= float((b * est.pfc).max()) and v >= float((b * est.pqc).max()), k
+        if est._budget_at == now and k % 10 == 0:  # after a pass, before any change: exact
+            est._stall_max = None
+            assert est.stall_bound(now) == (float((b * est.pfc).max()),
+                                            float((b * est.pqc).max()))
+    assert raised > 20  # corrections did raise the kept bound

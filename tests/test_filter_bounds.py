@@ -3,8 +3,10 @@
 near-best records the best candidate's finish (``finish_floor``) and the bound it keeps
 (``finish_cap``); meets-deadline skips its comparison when the cap already implies it and
 returns no candidate when its limit is below the floor; protects-residents then has
-nothing to compare. Here every filter's output, request after request on a loaded fleet
-(deadlines from hopeless to loose), is checked against the plain numpy rule.
+nothing to compare; spares-deadlines passes every instance at once when one bound of the
+stall over the fleet (``FleetEstimator.stall_bound``) is within its limit. Here every
+filter's output, request after request on a loaded fleet (deadlines from hopeless to
+loose), is checked against the plain numpy rule.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def test_each_filter_of_the_chain_gives_the_plain_mask() -> None:
         est.add_instance(f"i{i}", gpu=GPUS[i % len(GPUS)], now=0.0, alive=True)
     router = Router(estimator=est, predictor=VaryingLengths(1.4), policy="goodserve", seed=2)
     policy = router.policy
-    emptied_by_meets = skipped_meets = 0
+    emptied_by_meets = skipped_meets = spared_by_bound = spares_removed = 0
     for k in range(600):
         now = k * 0.05
         if k % 20 == 0:
@@ -78,6 +80,11 @@ def test_each_filter_of_the_chain_gives_the_plain_mask() -> None:
             if flt.name == "meets-deadline":
                 emptied_by_meets += mask.any() and not out.any()
                 skipped_meets += out is mask
+            if flt.name == "spares-deadlines":
+                spared_by_bound += out is mask and ctx.finish_cap >= ctx.finish_floor
+                spares_removed += int(mask.sum() - out.sum()) > 0
             mask = out
         router.route(req, now)  # load the fleet as decisions go
     assert emptied_by_meets > 50 and skipped_meets > 50  # both shortcuts were taken
+    # spares-deadlines' bound let most decisions through at once, and the rest were compared
+    assert spared_by_bound > 40 and spares_removed > 20, (spared_by_bound, spares_removed)

@@ -185,6 +185,11 @@ class ProtectsResidents:
         return np.logical_and(mask, ok, out=ok)
 
 
+_BOUND_MARGIN = 1e-9
+"""A bound decides alone only this far (relative) inside its limit: the vector it stands
+for rounds differently (the bound must never pass an instance the vector would not)."""
+
+
 @dataclass(slots=True)
 class SparesDeadlines:
     """The newcomer's prefill must not take more than ``limit`` of the time the requests
@@ -203,11 +208,21 @@ class SparesDeadlines:
     name: str = "spares-deadlines"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
-        if not math.isfinite(self.limit):
-            return mask
+        limit = self.limit
+        if not math.isfinite(limit) or ctx.finish_cap < ctx.finish_floor:
+            return mask  # off, or a finish bound already left no candidate
         est = ctx.est
+        c = ctx.cached
+        if not isinstance(c, np.ndarray):
+            # one bound for every instance (FleetEstimator.stall_bound): most decisions
+            # stall no instance near the limit, and need no vector of their own
+            m = ctx.input_tokens - float(c)
+            m = 1.0 if 1.0 > m else m  # max(m, 1.0), as the prefill counts new tokens
+            u, v = est.stall_bound(ctx.now)
+            if m * u + m * (2.0 * float(c) + m) * v <= limit - _BOUND_MARGIN * abs(limit):
+                return mask
         # the prefill's own compute, as finish-with-residents counts it
-        ok = (ctx.prefill - est.pbc) * est.budget_load(ctx.now) <= self.limit
+        ok = (ctx.prefill - est.pbc) * est.budget_load(ctx.now) <= limit
         return np.logical_and(mask, ok, out=ok)
 
 
