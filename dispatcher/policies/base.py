@@ -137,6 +137,12 @@ class RouteContext:
         return self._prefill
 
     @property
+    def stall(self) -> np.ndarray:
+        """How long the prompt's prefill holds up the decode steps of the requests running on
+        each instance: its per-token compute (a decode step pays the fixed part anyway)."""
+        return self.prefill - self.est.pbc
+
+    @property
     def slack(self) -> np.ndarray:
         return self.deadline_in - self.finish
 

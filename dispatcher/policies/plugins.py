@@ -201,7 +201,9 @@ class SparesDeadlines:
     (``FleetEstimator.budget_load``), whatever the estimates of their finish say. On the
     Azure code trace the misses were small requests held up by later arrivals' long
     prefills (docs/routing.md). With no instance left the request goes to the rescue,
-    which weighs the same stall against the finish.
+    which weighs the same stall against the finish. When one bound of the stall over the
+    fleet (``FleetEstimator.stall_bound``) is within the limit, every instance passes
+    without a vector of the request's own (the same mask).
     """
 
     limit: float
@@ -221,8 +223,7 @@ class SparesDeadlines:
             u, v = est.stall_bound(ctx.now)
             if m * u + m * (2.0 * float(c) + m) * v <= limit - _BOUND_MARGIN * abs(limit):
                 return mask
-        # the prefill's own compute, as finish-with-residents counts it
-        ok = (ctx.prefill - est.pbc) * est.budget_load(ctx.now) <= limit
+        ok = ctx.stall * est.budget_load(ctx.now) <= limit
         return np.logical_and(mask, ok, out=ok)
 
 
@@ -522,9 +523,7 @@ class FinishWithResidents:
             return normalize_low_is_good(f, mask, est.scalar)
         cost = f
         if weigh_stall:
-            # the prefill's own compute: a decode step pays its fixed cost anyway
-            stall = ctx.prefill - est.pbc
-            cost = cost + (self.stall_weight * left) * stall * est.budget_load(ctx.now)
+            cost = cost + (self.stall_weight * left) * ctx.stall * est.budget_load(ctx.now)
         if w > 0.0:
             planned = ctx.planned_tokens
             per_token = est.own_context_tpot(ctx.input_tokens, planned) + est.d1_tc
