@@ -962,6 +962,9 @@ class FleetEstimator:
         (``spares-deadlines``). Kept with the budget: computed after each pass, raised by
         each placement's term and each change of an instance's coefficients.
         """
+        sm = self._stall_max
+        if sm is not None and 0.0 <= now - self._budget_at < BUDGET_TICK_S:
+            return sm  # kept with the budget it bounds (cleared by a pass or a new instance)
         b = self.budget_load(now)
         if self._budget_recorded is not None:  # a replayed decision: no kept state
             return float((b * self.pfc).max(initial=0.0)), float((b * self.pqc).max(initial=0.0))
