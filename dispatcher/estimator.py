@@ -965,15 +965,10 @@ class FleetEstimator:
         sm = self._stall_max
         if sm is not None and 0.0 <= now - self._budget_at < BUDGET_TICK_S:
             return sm  # kept with the budget it bounds (cleared by a pass or a new instance)
-        b = self.budget_load(now)
-        if self._budget_recorded is not None:  # a replayed decision: no kept state
-            return float((b * self.pfc).max(initial=0.0)), float((b * self.pqc).max(initial=0.0))
-        sm = self._stall_max
-        if sm is None:
-            sm = self._stall_max = (
-                float((b * self.pfc).max(initial=0.0)),
-                float((b * self.pqc).max(initial=0.0)),
-            )
+        b = self.budget_load(now)  # a pass, if one is due, clears the kept bound
+        sm = float((b * self.pfc).max(initial=0.0)), float((b * self.pqc).max(initial=0.0))
+        if self._budget_recorded is None:  # a replayed decision keeps nothing
+            self._stall_max = sm
         return sm
 
     def _forget(self, tr: TrackedRequest) -> None:

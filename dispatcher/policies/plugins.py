@@ -218,8 +218,7 @@ class SparesDeadlines:
         if not isinstance(c, np.ndarray):
             # one bound for every instance (FleetEstimator.stall_bound): most decisions
             # stall no instance near the limit, and need no vector of their own
-            m = ctx.input_tokens - float(c)
-            m = 1.0 if 1.0 > m else m  # max(m, 1.0), as the prefill counts new tokens
+            m = est._new_tokens(ctx.input_tokens, c)  # as the prefill counts them
             u, v = est.stall_bound(ctx.now)
             if m * u + m * (2.0 * float(c) + m) * v <= limit - _BOUND_MARGIN * abs(limit):
                 return mask

@@ -10,6 +10,10 @@ from typing import Any
 
 from goodserve.memory import service_memory_tasks
 
+_NO_LOOP_SIGNALS = (NotImplementedError, RuntimeError)
+"""What ``loop.add_signal_handler`` raises where the loop cannot take signals (Windows'
+event loops; a loop outside the main thread)."""
+
 
 async def serve_until_signal(start: Callable[[], Awaitable[Any]],
                              stop: Callable[[], Awaitable[Any]],
@@ -24,7 +28,7 @@ async def serve_until_signal(start: Callable[[], Awaitable[Any]],
     handled = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         # no loop signal handlers on Windows or in a non-main thread: Ctrl-C still stops it
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+        with contextlib.suppress(*_NO_LOOP_SIGNALS):
             loop.add_signal_handler(sig, done.set)
             handled.append(sig)
     memory_tasks = service_memory_tasks()
