@@ -884,9 +884,17 @@ class FleetEstimator:
         tr.row = row
         b = self._budget
         if b is not None:
+            # b[i] += _budget_term(deadline); _raise_stall_max(i, pfc, pqc): inlined, scalar
             i = tr.slot
-            b[i] += self._budget_term(tr.deadline)
-            self._raise_stall_max(i, self.pfc.item(i), self.pqc.item(i))
+            left = tr.deadline - self._budget_at
+            if left > 0.0:
+                bi = b.item(i) + 1.0 / (BUDGET_FLOOR_S if BUDGET_FLOOR_S > left else left)
+                b[i] = bi
+                sm = self._stall_max
+                if sm is not None and i < len(b):
+                    u, v = bi * self.pfc.item(i), bi * self.pqc.item(i)
+                    if u > sm[0] or v > sm[1]:
+                        self._stall_max = (u if u > sm[0] else sm[0], v if v > sm[1] else sm[1])
 
     def _budget_term(self, deadline: float) -> float:
         """One request's term of the kept ``budget_load``, at the last pass's time."""

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from goodserve.dispatcher.estimator import FleetEstimator
-from goodserve.dispatcher.policies.base import Policy, RouteContext
+from goodserve.dispatcher.policies.base import DeferredScores, Policy, RouteContext, score_vector
 from goodserve.dispatcher.policies.registry import LEGACY_OFF, make_policy
 from goodserve.dispatcher.predictor.model import PredictorInput
 from goodserve.dispatcher.prefix_index import PrefixIndex
@@ -106,9 +106,15 @@ class RouteOutcome:
     views: Any
     ctx: RouteContext
     mask: np.ndarray
-    scores: np.ndarray
+    raw_scores: np.ndarray | DeferredScores
+    """What the policy's ``select`` returned (``scores`` reads it as a vector)."""
     p50_shift: float = 0.0
     """The predictor's online location shift in the P50 (recorded for the audit)."""
+
+    @property
+    def scores(self) -> np.ndarray:
+        """Each instance's score (made on first read where one scorer alone decided)."""
+        return score_vector(self.raw_scores)
 
     @property
     def decision_id(self) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from goodserve.dispatcher.estimator import FleetEstimator
-from goodserve.dispatcher.policies.base import RouteContext, make_scorer
+from goodserve.dispatcher.policies.base import RouteContext, as_scores, make_scorer
 from goodserve.dispatcher.policies.registry import (
     BASELINES,
     GOODSERVE_CONFIG,
@@ -372,17 +372,20 @@ def test_rescue_scores_are_earliest_finish_without_pressure() -> None:
         fwr = make_scorer("finish-with-residents", dict(GOODSERVE_CONFIG))
         for miss in (0.0, 0.03, 0.05):
             c = _rescue_ctx(est, tokens, planned, miss)
-            assert np.array_equal(fwr(c, mask), ef(c, mask))
+            assert np.array_equal(as_scores(fwr(c, mask), mask), as_scores(ef(c, mask), mask))
         c = _rescue_ctx(est, tokens, planned, 0.5)
         old = make_scorer("finish-with-residents", {**GOODSERVE_CONFIG, "harm_weight": 0.0})
-        assert np.array_equal(old(c, mask), ef(c, mask))  # weight 0: at any pressure
+        assert np.array_equal(  # weight 0: at any pressure
+            as_scores(old(c, mask), mask), as_scores(ef(c, mask), mask)
+        )
     # inside the band: the same fleet with more requests on instance 0 never scores it higher
     est = fleet("H100", "A100")
     fwr = make_scorer("finish-with-residents", dict(GOODSERVE_CONFIG))
     prev = math.inf
     for running in (0, 20, 60, 120):
         beat(est, 0, running=running)
-        score = float(fwr(_rescue_ctx(est, 200, 300.0, 0.2), np.ones(2, dtype=bool))[0])
+        both = np.ones(2, dtype=bool)
+        score = float(as_scores(fwr(_rescue_ctx(est, 200, 300.0, 0.2), both), both)[0])
         assert score <= prev
         prev = score
     assert prev < 1.0  # at 120 requests the idle A100 is the cheaper instance

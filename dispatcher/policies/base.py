@@ -75,6 +75,7 @@ class RouteContext:
     _finish: np.ndarray | None = None
     _prefill: np.ndarray | None = None
     _rng: random.Random | None = None
+    _slots: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def rng(self) -> random.Random:
@@ -146,6 +147,19 @@ class RouteContext:
     def slack(self) -> np.ndarray:
         return self.deadline_in - self.finish
 
+    def slots(self, mask: np.ndarray) -> np.ndarray:
+        """The candidates' slots, in order (``mask.nonzero()[0]``), kept for the last mask
+        asked about: the scorers and the picker of a decision look at the same one."""
+        kept = self._slots
+        if kept is None or kept[0] is not mask:
+            kept = self._slots = (mask, mask.nonzero()[0])
+        return kept[1]
+
+    def costs(self, values: np.ndarray, mask: np.ndarray) -> CandidateCosts:
+        """``values`` of the candidates of ``mask`` (low is good), for a scorer to return."""
+        slots = self.slots(mask)
+        return CandidateCosts(values[slots], slots)
+
 
 class Filter(Protocol):
     name: str
@@ -153,14 +167,65 @@ class Filter(Protocol):
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray: ...
 
 
+@dataclass(slots=True)
+class CandidateCosts:
+    """A scorer's costs of the candidates alone (``values[slots]``; low is good), with the
+    candidates' slots (``RouteContext.costs`` makes both): what ``normalize_candidates``
+    maps to [0, 1] scores, left for the policy to map.
+
+    Where one scorer alone has something to say on a request, the max-score pick is its
+    lowest cost (normalizing is an affine map that keeps the order): the picker picks
+    from the costs (``lowest_cost_seeded_ties``) and the score vector is made only when
+    something reads it (``DeferredScores``, the audit record).
+    """
+
+    cand: np.ndarray
+    slots: np.ndarray
+
+
+@dataclass(slots=True)
+class DeferredScores:
+    """A decision's scores kept as one scorer's candidate costs and weight; ``vector()``
+    makes the [0, 1] scores (``weight x normalize_candidates``) on first use."""
+
+    costs: CandidateCosts
+    mask: np.ndarray
+    weight: float
+    _vector: np.ndarray | None = None
+
+    def vector(self) -> np.ndarray:
+        if self._vector is None:
+            s = normalize_candidates(self.costs.cand, self.mask)
+            self._vector = s if self.weight == 1.0 else self.weight * s
+        return self._vector
+
+
+def as_scores(said: np.ndarray | CandidateCosts | None, mask: np.ndarray) -> np.ndarray:
+    """A scorer's answer as its [0, 1] score per instance (zeros where it said nothing)."""
+    if said is None:
+        return np.zeros(mask.shape)
+    if isinstance(said, CandidateCosts):
+        return normalize_candidates(said.cand, mask)
+    return said
+
+
+def score_vector(scores: np.ndarray | DeferredScores) -> np.ndarray:
+    """The score per instance of what ``Policy.select`` returns."""
+    return scores if isinstance(scores, np.ndarray) else scores.vector()
+
+
 class Scorer(Protocol):
-    """Scores in [0, 1] per instance, exactly 0 outside the mask, or None when it has nothing
-    to say on this request (the same as all zeros, without the vector). The zeros let the
-    picker skip masking the sum when the best score is positive (``argmax_seeded_ties``)."""
+    """Scores in [0, 1] per instance, exactly 0 outside the mask; or the candidates' costs
+    (``CandidateCosts``: the policy normalizes them, or picks from them directly where
+    they alone speak); or None when it has nothing to say on this request (the same as
+    all zeros, without the vector). The zeros let the picker skip masking the sum when
+    the best score is positive (``argmax_seeded_ties``)."""
 
     name: str
 
-    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray | None: ...
+    def __call__(
+        self, ctx: RouteContext, mask: np.ndarray
+    ) -> np.ndarray | CandidateCosts | None: ...
 
 
 class Picker(Protocol):
@@ -169,6 +234,10 @@ class Picker(Protocol):
     """Whether ``state()`` can be other than empty (the router records it per decision)."""
 
     def pick(self, ctx: RouteContext, scores: np.ndarray, mask: np.ndarray) -> int: ...
+
+    # A picker may also have ``pick_lowest(ctx, costs, mask) -> int``: its pick on the
+    # normalized scores of one scorer's ``CandidateCosts``, made from the costs themselves
+    # (``MaxScore``).
 
     def state(self) -> dict[str, int]: ...
 
@@ -221,22 +290,11 @@ def none_left(mask: np.ndarray) -> bool:
     return mask.size == 0 or not mask[mask.argmax()]
 
 
-def normalize_low_is_good(
-    values: np.ndarray, mask: np.ndarray, scalar: np.ndarray | None = None
-) -> np.ndarray:
-    """Map values to [0, 1] over the candidates, 1 for the lowest (llm-d's scorer range).
-    ``scalar``: as in ``normalize_candidates``."""
-    cand = values.compress(mask)
-    if cand.size == 0:
-        return np.zeros_like(values)
-    return normalize_candidates(cand, mask, scalar)
-
-
 def normalize_candidates(
     cand: np.ndarray, mask: np.ndarray, scalar: np.ndarray | None = None
 ) -> np.ndarray:
-    """``normalize_low_is_good`` given the candidates' values alone (``values[mask]``): a
-    scorer that derives its values from another vector computes them for these only.
+    """Map the candidates' values (``values[mask]``, low is good) to [0, 1] scores over
+    every instance, 1 for the lowest (llm-d's scorer range), 0 outside the mask.
     ``scalar``: a 0-d scratch array to pass the numbers in (``FleetEstimator.scalar``)."""
     if cand.size == 0:
         return np.zeros(mask.shape)
@@ -290,8 +348,42 @@ def argmax_seeded_ties(
         near = s >= scalar
     if _count_nonzero(near) == 1:
         return best  # the usual case: one best, no tie list to build
-    ties = np.flatnonzero(near)
+    ties = near.nonzero()[0]
     return int(ties[seed % len(ties)])
+
+
+def lowest_cost_seeded_ties(
+    costs: CandidateCosts, mask: np.ndarray, seed: int, scalar: np.ndarray | None = None
+) -> int:
+    """``argmax_seeded_ties`` of ``normalize_candidates(costs.cand, mask)``, from the
+    candidates' costs alone: no score vector.
+
+    Normalizing maps the lowest cost to a score of 1 and cost c to (hi - c) / span, so the
+    scores within 1e-12 of the best are the costs within 1e-12 x span of the lowest (the
+    same rule in exact arithmetic, compared before the division instead of after it;
+    rounding can tell them apart only for a cost within about 1e-16 x span of that
+    bound); a span that is zero or not finite scores every candidate 1, all tied. Ties
+    are drawn from the same ordered list of slots with the same seed. ``scalar``: as in
+    ``normalize_candidates``.
+    """
+    cand, slots = costs.cand, costs.slots
+    if cand.size == 0:
+        return argmax_seeded_ties(normalize_candidates(cand, mask), mask, seed)
+    j = int(cand.argmin())
+    lo, hi = cand.item(j), cand.item(cand.argmax())
+    span = hi - lo
+    if not math.isfinite(span) or span <= 0:  # every candidate scores 1
+        return int(slots[0]) if slots.size == 1 else int(slots[seed % slots.size])
+    thr = lo + 1e-12 * span
+    if scalar is None:
+        near = cand <= thr
+    else:
+        scalar[()] = thr
+        near = cand <= scalar
+    if _count_nonzero(near) == 1:
+        return int(slots[j])  # the usual case: one lowest cost
+    ties = near.nonzero()[0]
+    return int(slots[ties[seed % len(ties)]])
 
 
 @dataclass(slots=True)
@@ -326,9 +418,17 @@ class Policy:
         self._stateful: bool = bool(getattr(self.picker, "stateful", True)) or (
             fallback is not None and fallback._stateful
         )
+        self._pick_lowest: Callable[[RouteContext, CandidateCosts, np.ndarray], int] | None = (
+            getattr(self.picker, "pick_lowest", None)
+        )
 
-    def select(self, ctx: RouteContext) -> tuple[int | None, np.ndarray, np.ndarray, str]:
-        """Choose an instance: (slot or None, eligible mask, scores, how it was chosen)."""
+    def select(
+        self, ctx: RouteContext
+    ) -> tuple[int | None, np.ndarray, np.ndarray | DeferredScores, str]:
+        """Choose an instance: (slot or None, eligible mask, scores, how it was chosen).
+
+        The scores are a vector, or ``DeferredScores`` where one scorer's candidate costs
+        alone decided (``score_vector`` reads either)."""
         ctx.config = self.config
         ctx.set_plan(str(self.config.get("plan_quantile", "")))
         mask = ctx.est.all_slots()
@@ -353,11 +453,24 @@ class Policy:
                 slot, fmask, fscores, how = self.fallback.select(ctx)
                 return slot, fmask, fscores, f"{self.name}: {emptied} left none; {how}"
             return None, mask, np.zeros(ctx.n), f"{self.name}: rejected, {emptied} left none"
-        scores: np.ndarray | None = None
+        said: list[tuple[np.ndarray | CandidateCosts, float]] = []
         for scorer, w in self.scorers:
             s = scorer(ctx, mask)
-            if s is None:
-                continue
+            if s is not None:
+                said.append((s, w))
+        if len(said) == 1 and self._pick_lowest is not None:
+            s, w = said[0]
+            if type(s) is CandidateCosts and w > 0.0:
+                # one scorer spoke: the best score is its lowest cost, whatever the weight
+                slot = self._pick_lowest(ctx, s, mask)
+                return slot, mask, DeferredScores(s, mask, w), self._how
+        scores: np.ndarray | None = None
+        for said_s, w in said:
+            s = (
+                normalize_candidates(said_s.cand, mask, ctx.est.scalar)
+                if isinstance(said_s, CandidateCosts)
+                else said_s
+            )
             part = s if w == 1.0 else w * s
             scores = part if scores is None else scores + part
         if scores is None:

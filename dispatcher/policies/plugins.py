@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import (
+    CandidateCosts,
     PolicyConfig,
     RouteContext,
     Scorer,
     argmax_seeded_ties,
-    normalize_candidates,
-    normalize_low_is_good,
+    lowest_cost_seeded_ties,
     register_filter,
     register_picker,
     register_scorer,
@@ -460,11 +460,12 @@ class JustEnough:
 
     name: str = "just-enough"
 
-    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> CandidateCosts:
         # the slack (deadline - finish) of the candidates only: the same values, fewer ops
         z = ctx.est.scalar
         z[()] = ctx.deadline_in
-        return normalize_candidates(z - ctx.finish.compress(mask), mask, z)
+        slots = ctx.slots(mask)
+        return CandidateCosts(z - ctx.finish[slots], slots)
 
 
 @dataclass(slots=True)
@@ -473,8 +474,8 @@ class EarliestFinish:
 
     name: str = "earliest-finish"
 
-    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
-        return normalize_low_is_good(ctx.finish, mask, ctx.est.scalar)
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> CandidateCosts:
+        return ctx.costs(ctx.finish, mask)
 
 
 @dataclass(slots=True)
@@ -513,13 +514,13 @@ class FinishWithResidents:
     pressure_hi: float = PRESSURE_HI
     name: str = "finish-with-residents"
 
-    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> CandidateCosts:
         f, est = ctx.finish, ctx.est
         w = self.weight * pressure_share(ctx.miss_rate, self.pressure_lo, self.pressure_hi)
         left = ctx.deadline_in
         weigh_stall = self.stall_weight > 0.0 and 0.0 < left < math.inf
         if w <= 0.0 and not weigh_stall:
-            return normalize_low_is_good(f, mask, est.scalar)
+            return ctx.costs(f, mask)
         cost = f
         if weigh_stall:
             cost = cost + (self.stall_weight * left) * ctx.stall * est.budget_load(ctx.now)
@@ -527,7 +528,7 @@ class FinishWithResidents:
             planned = ctx.planned_tokens
             per_token = est.own_context_tpot(ctx.input_tokens, planned) + est.d1_tc
             cost = cost + w * (est.active() * (per_token * planned + ctx.prefill))
-        return normalize_low_is_good(cost, mask)
+        return ctx.costs(cost, mask)
 
 
 @dataclass(slots=True)
@@ -536,8 +537,8 @@ class QueueLength:
 
     name: str = "queue"
 
-    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
-        return normalize_low_is_good(ctx.est.active(), mask)
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> CandidateCosts:
+        return ctx.costs(ctx.est.active(), mask)
 
 
 @dataclass(slots=True)
@@ -546,8 +547,8 @@ class KvUtilization:
 
     name: str = "kv-utilization"
 
-    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
-        return normalize_low_is_good(ctx.est.kv_frac(), mask)
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> CandidateCosts:
+        return ctx.costs(ctx.est.kv_frac(), mask)
 
 
 @dataclass(slots=True)
@@ -568,8 +569,8 @@ class GpuSpeed:
 
     name: str = "gpu-speed"
 
-    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
-        return normalize_low_is_good(-ctx.est.speed, mask)
+    def __call__(self, ctx: RouteContext, mask: np.ndarray) -> CandidateCosts:
+        return ctx.costs(-ctx.est.speed, mask)
 
 
 def _scorer_factory(cls: type[Scorer]) -> Callable[[PolicyConfig], Scorer]:
@@ -605,6 +606,9 @@ class MaxScore:
 
     def pick(self, ctx: RouteContext, scores: np.ndarray, mask: np.ndarray) -> int:
         return argmax_seeded_ties(scores, mask, ctx.seed, ctx.est.scalar)
+
+    def pick_lowest(self, ctx: RouteContext, costs: CandidateCosts, mask: np.ndarray) -> int:
+        return lowest_cost_seeded_ties(costs, mask, ctx.seed, ctx.est.scalar)
 
     def state(self) -> dict[str, int]:
         return {}
