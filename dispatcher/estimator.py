@@ -281,6 +281,9 @@ class FleetEstimator:
         self._budget_recorded: np.ndarray | None = None  # replay: what the decision saw
         self._budget: np.ndarray | None = None  # budget_load at _budget_at, kept up to date
         self._budget_at = -math.inf
+        # per instance, budget_load's terms of the requests another dispatcher replica placed
+        # there, from its last heartbeat's request list (at the heartbeat's time)
+        self.hb_budget = np.zeros(n)
         # upper bounds of max(budget_load * pfc) and max(budget_load * pqc) over instances,
         # for the kept budget_load (None: to compute): see stall_bound
         self._stall_max: tuple[float, float] | None = None
@@ -363,6 +366,7 @@ class FleetEstimator:
         ):
             setattr(self, name, grow(getattr(self, name), 0.0))
         self.min_slack = grow(self.min_slack, math.inf)
+        self.hb_budget = grow(self.hb_budget, 0.0)
         self.d1_tc = grow(self.d1_tc, 0.0)
         self.guard_slack = grow(self.guard_slack, math.inf)
         self._all = np.ones(slot + 1, dtype=bool)
@@ -915,13 +919,15 @@ class FleetEstimator:
             self._dl_deadline[row] = last.deadline
 
     def budget_load(self, now: float) -> np.ndarray:
-        """Per instance, the sum over its tracked requests not yet late of 1 / (seconds to
-        their deadline, at least ``BUDGET_FLOOR_S``).
+        """Per instance, the sum over its requests not yet late of 1 / (seconds to their
+        deadline, at least ``BUDGET_FLOOR_S``).
 
         A stall of s seconds there (a newcomer's prefill holds up every decode step) costs
         them s x this, counted in shares of the time each had left: a stall is nothing to a
-        request with minutes to go and everything to one with a second. Heartbeats carry no
-        deadlines, so only this dispatcher's own requests count. A replayed estimator
+        request with minutes to go and everything to one with a second. The requests this
+        dispatcher tracks count at ``now``; those another dispatcher replica placed there
+        count through the instance's last heartbeat, which lists every request with its
+        deadline (``hb_budget``: their terms at the heartbeat's time). A replayed estimator
         returns what the decision saw (``InstanceView.budget_load``).
 
         Every decision may ask, so the sum is kept: a pass over the table at most every
@@ -944,6 +950,7 @@ class FleetEstimator:
             b = np.bincount(self._dl_slot[:n], weights=inv, minlength=len(self.infos))
         else:
             b = np.zeros(len(self.infos))
+        b += self.hb_budget  # other replicas' requests (zeros with one dispatcher)
         self._budget, self._budget_at = b, now
         self._stall_max = None
         return b
@@ -1247,6 +1254,21 @@ class FleetEstimator:
         self.rem_tokens[i] = rem
         self.min_slack[i] = min_slack
         self.rem_at_min[i] = rem_at_min
+        # the deadlines of the requests there that we do not track: another replica placed
+        # them (budget_load counts them too; the kept budget follows, and _refresh raises
+        # the stall bound to it)
+        tracked = self.requests
+        foreign = 0.0
+        for p in hb.requests:
+            left = p.deadline - t  # deadline 0.0: none
+            if left > 0.0 and p.request_id not in tracked:
+                foreign += 1.0 / (BUDGET_FLOOR_S if BUDGET_FLOOR_S > left else left)
+        old = self.hb_budget.item(i)
+        if foreign != old:
+            self.hb_budget[i] = foreign
+            b = self._budget
+            if b is not None and i < len(b):
+                b[i] = b.item(i) + (foreign - old)
         self._refresh(i)
 
     def mark_dead(self, instance_id: str) -> list[TrackedRequest]:
@@ -1391,6 +1413,7 @@ class FleetEstimator:
         est.finish_nobs = np.zeros(n)
         est.d1_tc = np.zeros(n)
         est.guard_slack = np.full(n, math.inf)
+        est.hb_budget = np.zeros(n)
         est._all = np.ones(n, dtype=bool)
         est._all.flags.writeable = False
         est._bind_coef(np.zeros((len(_COEF_ROWS), n)))

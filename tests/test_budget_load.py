@@ -9,8 +9,9 @@ import random
 
 import numpy as np
 from goodserve.dispatcher.estimator import BUDGET_FLOOR_S, BUDGET_TICK_S, FleetEstimator
+from goodserve.schemas import RequestProgress
 
-from goodserve.testing.snapshots import fleet
+from goodserve.testing.snapshots import beat, fleet, progress_of
 
 
 def _plain(est: FleetEstimator, now: float) -> np.ndarray:
@@ -99,12 +100,13 @@ def _plain_pass(est: FleetEstimator, now: float) -> list[float]:
 def test_stall_bound_stays_above_every_instances_stall_rate() -> None:
     """``stall_bound`` = (U, V) with U >= budget_load * pfc and V >= budget_load * pqc on
     every instance, through placements, finishes, passes, corrections that raise an
-    instance's prefill coefficients, and a new instance; right after a pass it is exact."""
+    instance's prefill coefficients, heartbeats listing other replicas' requests, and a new
+    instance; right after a pass it is exact."""
     est = fleet("H100", "A100", "A40", "V100")
     ids = est.ids
     rng = random.Random(5)
     live: list[str] = []
-    raised = 0
+    raised = foreign = 0
     for k in range(1500):
         now = 3.0 + k * BUDGET_TICK_S * rng.choice([0.1, 0.5, 1.5])
         roll = rng.random()
@@ -121,6 +123,11 @@ def test_stall_bound_stays_above_every_instances_stall_rate() -> None:
             est.prefill_corr[i] *= rng.choice([0.5, 1.5, 3.0])
             est._refresh(i)
             raised += before is not None and est._stall_max != before
+        else:  # a heartbeat listing requests another replica placed there
+            i = rng.randrange(len(est))
+            others = [_other(f"x{k}-{j}", now + rng.uniform(-1.0, 10.0)) for j in range(3)]
+            beat(est, i, at=now, running=3, requests=progress_of(est, i) + others)
+            foreign += est.hb_budget[i] > 0.0
         if k == 700:
             ids.append("h100-new")
             est.add_instance("h100-new", gpu="H100", now=now, alive=True)
@@ -132,3 +139,32 @@ def test_stall_bound_stays_above_every_instances_stall_rate() -> None:
             assert est.stall_bound(now) == (float((b * est.pfc).max()),
                                             float((b * est.pqc).max()))
     assert raised > 20  # corrections did raise the kept bound
+    assert foreign > 40  # and heartbeats brought other replicas' requests in
+
+
+def _other(request_id: str, deadline: float) -> RequestProgress:
+    return RequestProgress(request_id=request_id, state="running", generated=5,
+                           input_tokens=300, deadline=deadline)
+
+
+def test_requests_another_replica_placed_count_through_the_heartbeat() -> None:
+    """A heartbeat lists every request on the instance with its deadline: those this
+    dispatcher does not track (another replica placed them) add their terms at the
+    heartbeat's time; its own are not counted twice; a request with no deadline or past
+    it adds nothing; the kept budget follows between passes, and a later heartbeat
+    without them takes them out again."""
+    est = fleet("H100", "A100")
+    est.on_assign("h100-0", request_id="mine", input_tokens=100, planned_tokens=10.0,
+                  deadline=12.0, now=10.0)
+    assert est.budget_load(10.0).tolist() == [0.5, 0.0]
+    theirs = [_other("a", 14.0), _other("b", 10.01), _other("c", 0.0), _other("d", 9.0)]
+    beat(est, 0, at=10.0, running=5, requests=progress_of(est, 0) + theirs)
+    want = 0.5 + 1.0 / 4.0 + 1.0 / BUDGET_FLOOR_S  # a: 4 s left; b: within the floor
+    assert math.isclose(est.budget_load(10.0)[0], want)  # kept: the same tick
+    assert math.isclose(est.budget_load(10.0 + 2 * BUDGET_TICK_S)[0],
+                        1.0 / (2.0 - 2 * BUDGET_TICK_S) + 1.0 / 4.0 + 1.0 / BUDGET_FLOOR_S)
+    u, _ = est.stall_bound(10.0 + 2 * BUDGET_TICK_S)
+    assert u >= est.budget_load(10.0 + 2 * BUDGET_TICK_S)[0] * est.pfc[0]
+    beat(est, 0, at=10.1, running=1, requests=progress_of(est, 0))  # they finished
+    assert math.isclose(est.budget_load(10.1)[0], 1.0 / 1.9)
+    assert est.hb_budget.tolist() == [0.0, 0.0]

@@ -28,7 +28,7 @@ from goodserve.schemas import (
 )
 
 from goodserve.sim.oracle import OraclePrediction
-from goodserve.testing.snapshots import beat, fleet
+from goodserve.testing.snapshots import beat, fleet, progress_of
 
 
 class FixedPredictor:
@@ -352,6 +352,32 @@ def test_prefill_spares_the_deadlines_of_the_requests_running_there(
     if limit is not None and expected == "h100-0" and how.startswith("goodserve:"):
         old = {k: v for k, v in rec.config.items() if k != "stall_limit"}  # an old record
         assert replay(type(rec)(**{**_asdict(rec), "config": old}))[0] == "h100-1"
+
+
+def test_prefill_spares_the_deadlines_another_replica_placed() -> None:
+    """Two dispatcher replicas share a fleet: the request about to miss on h100-1 was placed
+    by the other one. This router learns its deadline from h100-1's heartbeat (which lists
+    every request there) and keeps the 6k-token prefill off it, as it would for its own."""
+    est = fleet("H100", "H100")
+    for k in range(4):
+        est.on_assign("h100-0", request_id=f"a{k}", input_tokens=200, planned_tokens=50,
+                      deadline=60.0, now=-2.0)
+    def theirs(first_deadline: float) -> list[RequestProgress]:
+        return [RequestProgress(request_id=f"b{k}", state="running", generated=10,
+                                input_tokens=200, deadline=first_deadline if k == 0 else 60.0)
+                for k in range(8)]
+
+    router = Router(estimator=est, predictor=FixedPredictor(100), policy="goodserve")
+    req = AgentRequest(request_id="r1", input_tokens=6000, max_tokens=4096, arrival=0.0,
+                       slo_s=10.0)
+    beat(est, 0, at=0.0, running=4, requests=progress_of(est, 0))
+    beat(est, 1, at=0.0, running=8, requests=theirs(60.0))
+    calm = router.route(req, 0.0, commit=False)
+    assert calm.instance_id == "h100-1"  # every request there has a minute: just enough
+    beat(est, 1, at=0.0, running=8, requests=theirs(0.3))
+    out = router.route(req, 0.0)
+    assert out.instance_id == "h100-0" and out.how == "goodserve: max-score"
+    assert replay(decode(encode(out.record())))[0] == "h100-0"
 
 
 def test_rescue_scores_are_earliest_finish_without_pressure() -> None:
