@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import heapq
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,6 +89,9 @@ SEED_OBSERVATIONS = 10
 BUDGET_FLOOR_S = 0.05
 """``budget_load``: a request this close to its deadline counts as if it had this much left
 (one that close is lost to any stall; without a floor it would count without bound)."""
+_ENDED_S, _ENDED_MAX = 5.0, 65536
+"""How long, and how many, ended requests are remembered (``on_heartbeat``): a heartbeat
+older than that is stale anyway."""
 BUDGET_TICK_S = 0.005
 """``budget_load`` passes over every tracked deadline at most this often; in between, each
 placement and finish adds or removes its own term (at the last pass's time)."""
@@ -284,6 +288,9 @@ class FleetEstimator:
         # per instance, budget_load's terms of the requests another dispatcher replica placed
         # there, from its last heartbeat's request list (at the heartbeat's time)
         self.hb_budget = np.zeros(n)
+        # requests that ended here lately (id -> when): a heartbeat sent before its result
+        # may still list one, which is not another replica's (see on_heartbeat)
+        self._ended: OrderedDict[str, float] = OrderedDict()
         # upper bounds of max(budget_load * pfc) and max(budget_load * pqc) over instances,
         # for the kept budget_load (None: to compute): see stall_bound
         self._stall_max: tuple[float, float] | None = None
@@ -1070,6 +1077,10 @@ class FleetEstimator:
             )
             self._learned_tpot(i)
         self._forget(tr)
+        ended = self._ended
+        ended[request_id] = now
+        while ended and (len(ended) > _ENDED_MAX or next(iter(ended.values())) < now - _ENDED_S):
+            ended.popitem(last=False)
         return tr
 
     def move(
@@ -1257,11 +1268,11 @@ class FleetEstimator:
         # the deadlines of the requests there that we do not track: another replica placed
         # them (budget_load counts them too; the kept budget follows, and _refresh raises
         # the stall bound to it)
-        tracked = self.requests
+        tracked, ended = self.requests, self._ended
         foreign = 0.0
         for p in hb.requests:
             left = p.deadline - t  # deadline 0.0: none
-            if left > 0.0 and p.request_id not in tracked:
+            if left > 0.0 and p.request_id not in tracked and p.request_id not in ended:
                 foreign += 1.0 / (BUDGET_FLOOR_S if BUDGET_FLOOR_S > left else left)
         old = self.hb_budget.item(i)
         if foreign != old:

@@ -168,3 +168,10 @@ def test_requests_another_replica_placed_count_through_the_heartbeat() -> None:
     beat(est, 0, at=10.1, running=1, requests=progress_of(est, 0))  # they finished
     assert math.isclose(est.budget_load(10.1)[0], 1.0 / 1.9)
     assert est.hb_budget.tolist() == [0.0, 0.0]
+    # our own request's result arrives before a heartbeat sent while it still ran: that
+    # heartbeat still lists it, and it is not taken for another replica's
+    late_beat = progress_of(est, 0)
+    est.on_finish("mine", now=10.2)
+    beat(est, 0, at=10.15, running=1, requests=late_beat)
+    assert est.hb_budget.tolist() == [0.0, 0.0]
+    assert est.budget_load(10.2 + 2 * BUDGET_TICK_S).tolist() == [0.0, 0.0]
