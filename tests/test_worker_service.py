@@ -268,6 +268,60 @@ async def test_migration_moves_request_to_target(kafka_settings: Settings) -> No
         await prod.stop()
 
 
+class _SlowToStop(SimulatedEngine):
+    """A checkpoint that cannot stop the request before it finishes (a slowed engine's long
+    step holds the token boundary): it waits for the natural end, then finds no request."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.ended: dict[str, asyncio.Event] = {}
+
+    async def generate(self, request: Any) -> Any:
+        async for out in super().generate(request):
+            if out.finished:  # the engine has let the request go
+                self.ended.setdefault(request.request_id, asyncio.Event()).set()
+            yield out
+
+    async def checkpoint(self, request_id: str) -> Any:
+        await self.ended.setdefault(request_id, asyncio.Event()).wait()
+        return await super().checkpoint(request_id)
+
+
+async def test_a_request_that_finishes_while_being_checkpointed_keeps_its_result(
+    kafka_settings: Settings,
+) -> None:
+    """A migration command whose checkpoint comes too late: the request finished on the
+    source in the meantime. Its Result stands, delivered once, from the source (it was
+    lost: the finished stream saw the request marked as migrating and left the Result to
+    a target that never got it; CI, tests/test_live_migration.py, session 13)."""
+    s = kafka_settings
+    prod = await prepare(s)
+    eng = _SlowToStop(instance_id="src", gpu="V100", model=MODEL, time_scale=0.05)
+    src = WorkerService(settings=s, instance_id="src", engine=eng, gpu="V100", model=MODEL,
+                        heartbeat_period_s=0.1)
+    try:
+        async with (
+            src,
+            Tap(s, s.results_topic) as results,
+            Tap(s, s.heartbeats_topic) as hbs,
+            Tap(s, s.checkpoints_topic) as ckpts,
+        ):
+            await prod.send(s.instance_topic("src"), assignment("src", "r-f", out=300), key="r-f")
+            await hbs.until(lambda seen: any(p.request_id == "r-f" and p.generated > 5
+                                             for h in seen for p in h.requests))
+            cmd = MigrationCommand(migration_id="m-f", request_id="r-f", source="src",
+                                   target="dst", at=time.time())
+            await prod.send(s.instance_topic("src"), cmd, key="r-f")
+            await results.until(lambda seen: len(seen) >= 1)
+            got = await results.quiet(1.0)
+            assert [(r.request_id, r.status, r.instance_id, r.output_tokens) for r in got] == [
+                ("r-f", "ok", "src", 300)
+            ]
+            assert await ckpts.quiet(0.3) == [] and src.migrated_out == 0
+    finally:
+        await prod.stop()
+
+
 async def test_graceful_stop_drains_and_restart_does_not_rerun(kafka_settings: Settings) -> None:
     s = kafka_settings
     prod = await prepare(s)

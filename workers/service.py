@@ -586,8 +586,11 @@ class WorkerService(AsyncService):
                 error = EngineError(f"{type(e).__name__}: {e}")
             settled = False
             try:
-                if tr.migrating or reason == "migrated":
-                    return  # the target produces the Result (committed by the migration)
+                if reason == "migrated":
+                    return  # checkpointed: the target produces the Result
+                # (a request that ended otherwise while a checkpoint was being taken ended
+                # here: the engine no longer has it, so the checkpoint fails and this Result
+                # is the request's one)
                 if error is not None:
                     log.warning("worker.engine_error", error_code=error.code, error=str(error))
                     await self._send_result(tr, "error", finish_reason="error", error=error)
