@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
-from goodserve.schemas import Heartbeat, InstanceView
+from goodserve.schemas import Heartbeat, InstanceView, RequestProgress
 from goodserve.schemas.errors import ConfigError
 
 from goodserve.perf.latency import PerfModel
@@ -895,17 +895,9 @@ class FleetEstimator:
         tr.row = row
         b = self._budget
         if b is not None:
-            # b[i] += _budget_term(deadline); _raise_stall_max(i, pfc, pqc): inlined, scalar
             i = tr.slot
-            left = tr.deadline - self._budget_at
-            if left > 0.0:
-                bi = b.item(i) + 1.0 / (BUDGET_FLOOR_S if BUDGET_FLOOR_S > left else left)
-                b[i] = bi
-                sm = self._stall_max
-                if sm is not None and i < len(b):
-                    u, v = bi * self.pfc.item(i), bi * self.pqc.item(i)
-                    if u > sm[0] or v > sm[1]:
-                        self._stall_max = (u if u > sm[0] else sm[0], v if v > sm[1] else sm[1])
+            b[i] = b.item(i) + self._budget_term(tr.deadline)  # scalar, in place
+            self._raise_stall_max(i, self.pfc.item(i), self.pqc.item(i))
 
     def _budget_term(self, deadline: float) -> float:
         """One request's term of the kept ``budget_load``, at the last pass's time."""
@@ -1241,7 +1233,17 @@ class FleetEstimator:
         rem = 0.0
         min_slack = math.inf
         rem_at_min = 0.0
-        seen = {p.request_id: p for p in hb.requests}
+        # one pass over the requests it lists: ours by id, and the deadline terms of those we
+        # do not track (another replica placed them; budget_load counts them too)
+        tracked, ended = self.requests, self._ended
+        seen: dict[str, RequestProgress] = {}
+        foreign = 0.0
+        for p in hb.requests:
+            rid = p.request_id
+            seen[rid] = p
+            left = p.deadline - t  # deadline 0.0: none
+            if left > 0.0 and rid not in tracked and rid not in ended:
+                foreign += 1.0 / (BUDGET_FLOOR_S if BUDGET_FLOOR_S > left else left)
         for tr in info.requests.values():
             p = seen.get(tr.request_id)
             if p is not None:
@@ -1265,15 +1267,7 @@ class FleetEstimator:
         self.rem_tokens[i] = rem
         self.min_slack[i] = min_slack
         self.rem_at_min[i] = rem_at_min
-        # the deadlines of the requests there that we do not track: another replica placed
-        # them (budget_load counts them too; the kept budget follows, and _refresh raises
-        # the stall bound to it)
-        tracked, ended = self.requests, self._ended
-        foreign = 0.0
-        for p in hb.requests:
-            left = p.deadline - t  # deadline 0.0: none
-            if left > 0.0 and p.request_id not in tracked and p.request_id not in ended:
-                foreign += 1.0 / (BUDGET_FLOOR_S if BUDGET_FLOOR_S > left else left)
+        # the kept budget follows the other replicas' terms (_refresh raises the stall bound)
         old = self.hb_budget.item(i)
         if foreign != old:
             self.hb_budget[i] = foreign
