@@ -83,6 +83,13 @@ def deadline_of(req: AgentRequest, now: float, default_slo_s: float = DEFAULT_SL
     return arrival + (req.slo_s if req.slo_s is not None else default_slo_s)
 
 
+_UNAUDITED = (
+    "decision {} was made without its audit record (Router(record_views=False) checks its"
+    " pick instead of keeping the eligible mask and scores): route with record_views=True"
+    " to record decisions"
+)
+
+
 @dataclass(slots=True)
 class RouteOutcome:
     """The result of one decision; ``record()`` builds its audit record on demand.
@@ -105,8 +112,10 @@ class RouteOutcome:
     picker_state: dict[str, int]
     views: Any
     ctx: RouteContext
-    mask: np.ndarray
-    raw_scores: np.ndarray | DeferredScores
+    mask: np.ndarray | None
+    """The eligible instances; None where the decision was not audited (``Router`` with
+    ``record_views=False``) and its pick was checked instead (``Policy.select``)."""
+    raw_scores: np.ndarray | DeferredScores | None
     """What the policy's ``select`` returned (``scores`` reads it as a vector)."""
     p50_shift: float = 0.0
     """The predictor's online location shift in the P50 (recorded for the audit)."""
@@ -114,6 +123,8 @@ class RouteOutcome:
     @property
     def scores(self) -> np.ndarray:
         """Each instance's score (made on first read where one scorer alone decided)."""
+        if self.raw_scores is None:
+            raise RuntimeError(_UNAUDITED.format(self.decision_id))
         return score_vector(self.raw_scores)
 
     @property
@@ -147,12 +158,15 @@ class RouteOutcome:
 
     def record(self, top_k: int | None = None) -> Decision:
         """The audit record (candidates: all instances, or the best ``top_k`` by score)."""
+        mask = self.mask
+        if mask is None:
+            raise RuntimeError(_UNAUDITED.format(self.decision_id))
         q, p, d, f = self.ctx.estimates()
         slack = self.ctx.deadline_in - f
         n = len(q)
         order: list[int] | range = range(n)
         if top_k is not None and n > top_k:
-            best = np.argsort(-np.where(self.mask, self.scores, -1e18), kind="stable")[:top_k]
+            best = np.argsort(-np.where(mask, self.scores, -1e18), kind="stable")[:top_k]
             keep = set(best.tolist())
             if self.slot is not None:
                 keep.add(self.slot)
@@ -163,7 +177,7 @@ class RouteOutcome:
             Candidate(
                 instance_id=infos[i].instance_id,
                 gpu=infos[i].gpu,
-                eligible=bool(self.mask[i]),
+                eligible=bool(mask[i]),
                 est_queue_s=float(q[i]),
                 est_prefill_s=float(p[i]),
                 est_tpot_s=float(d[i]),
@@ -218,7 +232,13 @@ class RouteOutcome:
 
 
 class Router:
-    """Predict, estimate, select; then count the request on the chosen instance."""
+    """Predict, estimate, select; then count the request on the chosen instance.
+
+    ``record_views``: keep what a decision's audit record needs (the instances' views,
+    the eligible mask, the scores). Without it (the simulator, the router benchmark) a
+    policy checks its pick against the last filters of its chain instead of masking the
+    fleet with them: the same pick, and ``RouteOutcome.record()`` is refused.
+    """
 
     def __init__(
         self,
@@ -353,6 +373,7 @@ class Router:
             self.sessions.get(req.workflow_id) if req.workflow_id else None,  # sticky
             self.policy.config,  # config (select sets it again)
             self.est.load_pressure(now),  # miss_rate
+            self.record_views,  # audit: an unrecorded decision may check its pick instead
         )
         # P50 unless the policy plans on another quantile (its select would set that next)
         ctx.set_plan(str(self.policy.config.get("plan_quantile") or "p50"))

@@ -63,6 +63,10 @@ class RouteContext:
     miss_rate: float = 0.0
     """Share of recent requests that missed their deadline (``FleetEstimator.miss_rate``
     when the decision was made; recorded): the load pressure near-best may act on."""
+    audit: bool = True
+    """Whether the decision's eligible mask and scores are kept for its audit record.
+    Without it a policy may check its pick against the last filters of its chain
+    (``Filter.passes``, ``Policy.select``) instead of masking the fleet with them."""
     finish_cap: float = math.inf
     """While a policy's filters run: every candidate left finishes by this (``finish``).
     A filter that bounds the finish lowers it; a looser bound after it has nothing to
@@ -166,6 +170,12 @@ class Filter(Protocol):
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray: ...
 
+    # A filter may also have ``passes(ctx, i) -> bool``: whether slot i, a candidate of
+    # the mask it would be given, stays in the mask it returns (the same comparison in
+    # the same floating-point operations, with the same calls on the estimator). The
+    # filters at the end of a chain that have it can check a pick instead of masking
+    # every instance (``Policy.select``).
+
 
 @dataclass(slots=True)
 class CandidateCosts:
@@ -176,7 +186,9 @@ class CandidateCosts:
     Where one scorer alone has something to say on a request, the max-score pick is its
     lowest cost (normalizing is an affine map that keeps the order): the picker picks
     from the costs (``lowest_cost_seeded_ties``) and the score vector is made only when
-    something reads it (``DeferredScores``, the audit record).
+    something reads it (``DeferredScores``, the audit record). A candidate's cost must not
+    depend on which other instances are candidates: a policy may score a wider mask and
+    check its pick against the filters it left out (``Policy.select``).
     """
 
     cand: np.ndarray
@@ -386,6 +398,11 @@ def lowest_cost_seeded_ties(
     return int(slots[ties[seed % len(ties)]])
 
 
+CHECKED_TRIES = 4
+"""How many of the lowest-cost candidates ``Policy._checked_pick`` checks before it lets
+the chain's last filters mask the fleet (the fourth-lowest is still cheaper to check)."""
+
+
 @dataclass(slots=True)
 class PolicySpec:
     """A named policy: plugins by name, weights and settings (what the audit log records)."""
@@ -421,14 +438,22 @@ class Policy:
         self._pick_lowest: Callable[[RouteContext, CandidateCosts, np.ndarray], int] | None = (
             getattr(self.picker, "pick_lowest", None)
         )
+        # the filters at the end of the chain that can check one slot (``Filter.passes``)
+        k = len(self.filters)
+        while k > 0 and callable(getattr(self.filters[k - 1], "passes", None)):
+            k -= 1
+        self._head = self.filters[:k]
+        self._checks: list[Any] = self.filters[k:] if self._pick_lowest is not None else []
 
     def select(
         self, ctx: RouteContext
-    ) -> tuple[int | None, np.ndarray, np.ndarray | DeferredScores, str]:
+    ) -> tuple[int | None, np.ndarray | None, np.ndarray | DeferredScores | None, str]:
         """Choose an instance: (slot or None, eligible mask, scores, how it was chosen).
 
         The scores are a vector, or ``DeferredScores`` where one scorer's candidate costs
-        alone decided (``score_vector`` reads either)."""
+        alone decided (``score_vector`` reads either). Mask and scores are None where the
+        decision is not audited (``ctx.audit`` False) and its pick was checked against
+        the last filters instead of masking with them (``_checked_pick``)."""
         ctx.config = self.config
         ctx.set_plan(str(self.config.get("plan_quantile", "")))
         mask = ctx.est.all_slots()
@@ -436,9 +461,19 @@ class Policy:
         # chain is checked once at its end; only then is the filter that emptied it named.
         masks = []
         ctx.finish_cap, ctx.finish_floor = math.inf, -math.inf
-        for f in self.filters:
+        check = not ctx.audit and self._checks
+        for f in self._head if check else self.filters:
             mask = f(ctx, mask)
             masks.append(mask)
+        if check:
+            if not none_left(mask):
+                slot = self._checked_pick(ctx, mask)
+                if slot is not None:
+                    ctx.finish_cap, ctx.finish_floor = math.inf, -math.inf
+                    return slot, None, None, self._how
+            for f in self._checks:  # undecided: the whole chain, as an audited decision
+                mask = f(ctx, mask)
+                masks.append(mask)
         # they describe this chain's masks only
         ctx.finish_cap, ctx.finish_floor = math.inf, -math.inf
         if none_left(mask):
@@ -477,6 +512,54 @@ class Policy:
             scores = np.zeros(ctx.n)
         slot = self.picker.pick(ctx, scores, mask)
         return slot, mask, scores, self._how
+
+    def _checked_pick(self, ctx: RouteContext, mask: np.ndarray) -> int | None:
+        """The pick of the whole chain, made before its last filters (``self._checks``) have
+        masked the fleet: None where it cannot be told that way (the chain then runs).
+
+        Where one scorer alone speaks, the pick is the candidate with the lowest cost
+        (``lowest_cost_seeded_ties``), and the last filters only remove candidates. So the
+        lowest-cost candidate of the wider mask is checked slot by slot
+        (``Filter.passes``); if it fails, the next lowest, up to ``CHECKED_TRIES``. A
+        candidate can win only alone: the tie window of the wider mask (its span is at
+        least the final one's) must hold it and no other, and a span that is zero or not
+        finite (every candidate scores 1) is left to the chain. Most decisions of a loaded
+        fleet pick the first (``docs/routing.md``).
+        """
+        said: tuple[np.ndarray | CandidateCosts, float] | None = None
+        for scorer, w in self.scorers:
+            s = scorer(ctx, mask)
+            if s is not None:
+                if said is not None:
+                    return None  # two scorers speak: the score vector decides
+                said = (s, w)
+        if said is None or type(said[0]) is not CandidateCosts or not said[1] > 0.0:
+            return None
+        cand, slots = said[0].cand, said[0].slots
+        if cand.size == 0:
+            return None
+        j = int(cand.argmin())
+        lo, hi = cand.item(j), cand.item(cand.argmax())
+        span = hi - lo
+        if not math.isfinite(span) or span <= 0:
+            return None
+        z = ctx.est.scalar
+        for tried in range(CHECKED_TRIES):
+            z[()] = lo + 1e-12 * (hi - lo)  # at least the final chain's tie bound
+            if _count_nonzero(cand <= z) != 1:
+                return None  # a tie (or none left): drawn among the final candidates
+            i: int = slots.item(j)
+            for f in self._checks:
+                if not f.passes(ctx, i):
+                    break
+            else:
+                return i
+            if not tried:
+                cand = cand.copy()
+            cand[j] = math.inf  # removed by a check
+            j = int(cand.argmin())
+            lo = cand.item(j)
+        return None
 
     def state(self) -> dict[str, int]:
         if not self._stateful:

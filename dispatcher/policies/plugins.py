@@ -184,6 +184,19 @@ class ProtectsResidents:
         ok = est.guard_slack >= delay  # (min_slack >= delay) | late, in one operation
         return np.logical_and(mask, ok, out=ok)
 
+    def passes(self, ctx: RouteContext, i: int) -> bool:
+        """``__call__`` for candidate i alone: the same operations on its elements."""
+        if ctx.finish_cap < ctx.finish_floor:
+            return True
+        est = ctx.est
+        planned = ctx.planned_tokens
+        delay = est.k_ctx.item(i) * (ctx.input_tokens + 0.5 * planned)
+        delay += est.d1_tc.item(i)
+        r = est.rem_at_min.item(i)
+        delay *= r if not r >= planned else planned  # np.minimum: the smaller, or nan
+        delay += ctx.prefill.item(i)
+        return bool(est.guard_slack.item(i) >= delay)
+
 
 _BOUND_MARGIN = 1e-9
 """A bound decides alone only this far (relative) inside its limit: the vector it stands
@@ -210,20 +223,31 @@ class SparesDeadlines:
     name: str = "spares-deadlines"
 
     def __call__(self, ctx: RouteContext, mask: np.ndarray) -> np.ndarray:
+        if self._all_pass(ctx):
+            return mask
+        ok = ctx.stall * ctx.est.budget_load(ctx.now) <= self.limit
+        return np.logical_and(mask, ok, out=ok)
+
+    def passes(self, ctx: RouteContext, i: int) -> bool:
+        """``__call__`` for candidate i alone: the same bound first, then its elements."""
+        if self._all_pass(ctx):
+            return True
+        stall = ctx.prefill.item(i) - ctx.est.pbc.item(i)
+        return bool(stall * ctx.est.budget_load(ctx.now).item(i) <= self.limit)
+
+    def _all_pass(self, ctx: RouteContext) -> bool:
+        """Off, a finish bound already left no candidate, or the one bound of the stall
+        over the fleet (``FleetEstimator.stall_bound``) within the limit: most decisions
+        stall no instance near it and need no vector of their own."""
         limit = self.limit
         if not math.isfinite(limit) or ctx.finish_cap < ctx.finish_floor:
-            return mask  # off, or a finish bound already left no candidate
-        est = ctx.est
+            return True
         c = ctx.cached
-        if not isinstance(c, np.ndarray):
-            # one bound for every instance (FleetEstimator.stall_bound): most decisions
-            # stall no instance near the limit, and need no vector of their own
-            m = est._new_tokens(ctx.input_tokens, c)  # as the prefill counts them
-            u, v = est.stall_bound(ctx.now)
-            if m * u + m * (2.0 * float(c) + m) * v <= limit - _BOUND_MARGIN * abs(limit):
-                return mask
-        ok = ctx.stall * est.budget_load(ctx.now) <= limit
-        return np.logical_and(mask, ok, out=ok)
+        if isinstance(c, np.ndarray):
+            return False
+        m = ctx.est._new_tokens(ctx.input_tokens, c)  # as the prefill counts them
+        u, v = ctx.est.stall_bound(ctx.now)
+        return bool(m * u + m * (2.0 * float(c) + m) * v <= limit - _BOUND_MARGIN * abs(limit))
 
 
 @dataclass(slots=True)
