@@ -30,6 +30,9 @@ class ReplayReport:
 
     count: int = 0
     identical: int = 0
+    without_views: int = 0
+    """Decisions recorded without the instances' views (the dispatcher's
+    ``decision_views_every``): not replayable, counted apart, not as mismatches."""
     mismatches: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
     predictions: dict[str, Any] = field(default_factory=dict)
@@ -38,7 +41,12 @@ class ReplayReport:
         return {
             "count": self.count,
             "identical": self.identical,
-            "identical_fraction": self.identical / self.count if self.count else 1.0,
+            "without_views": self.without_views,
+            "identical_fraction": (
+                self.identical / (self.count - self.without_views)
+                if self.count > self.without_views
+                else 1.0
+            ),
             "mismatches": self.mismatches,
             "errors": self.errors,
             "predictions": self.predictions,
@@ -132,13 +140,16 @@ async def read_audit_topics(settings: Settings) -> tuple[list[Decision], list[Mi
 # ---------------------------------------------------------------------------- replay
 def replay_decisions(decisions: Sequence[Decision], *, check_preds: bool = True) -> ReplayReport:
     """Recompute every decision; a mismatch is a different chosen instance (or an error)."""
-    from goodserve.dispatcher.router import replay
+    from goodserve.dispatcher.router import NotReplayable, replay
 
     rep = ReplayReport()
     for d in decisions:
         rep.count += 1
         try:
             chosen, _ = replay(d)
+        except NotReplayable:
+            rep.without_views += 1
+            continue
         except Exception as e:
             rep.errors.append({"decision_id": d.decision_id, "request_id": d.request_id,
                                "error": f"{type(e).__name__}: {e}"})

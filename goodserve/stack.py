@@ -53,6 +53,7 @@ class LocalStack(AsyncService):
         endpoint_api_key: str | None = None,
         shared_worker_producer: bool = False,
         shared_worker_consumer: bool = False,
+        decision_views_every: int = 1,
     ) -> None:
         if dispatchers < 1:
             raise ConfigError(f"dispatchers must be >= 1, got {dispatchers}")
@@ -117,6 +118,7 @@ class LocalStack(AsyncService):
                 seed=k,
                 metrics_port=(metrics_port + k) if metrics_port else None,
                 max_tokens_bound=max_tokens_bound,
+                decision_views_every=decision_views_every,
             )
             for k in range(dispatchers)
         ]

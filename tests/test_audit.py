@@ -162,3 +162,46 @@ def test_unbounded_overrides_are_recorded_and_replayed(overrides: dict[str, obje
     # the test bites: replayed with the default trust region, some decisions differ
     bounded = [msgspec.structs.replace(d, config={**d.config, "trust_region": 1.0}) for d in recs]
     assert replay_decisions(bounded, check_preds=False).identical < 200
+
+
+def test_decisions_without_views_are_counted_apart_not_as_mismatches(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``decision_views_every=3``: one record in three carries the instances' views and
+    replays bit for bit; the others say they cannot be replayed, and why."""
+    from goodserve.dispatcher.router import NotReplayable, replay
+
+    sim = Simulator(fleet=load_fleet("figure2"), trace=_trace(),
+                    config=SimConfig(policy="goodserve", record_decisions=True,
+                                     decision_views_every=3))
+    sim.run()
+    recs = [decode(encode(d)) for d in sim.decisions]
+    with_views = [d for d in recs if d.instances]
+    assert len(recs) == 120 and len(with_views) == 40
+    assert all(d.candidates for d in recs)  # the explanation is in every record
+    rep = replay_decisions(recs, check_preds=False)
+    assert (rep.identical, rep.without_views) == (40, 80)
+    assert not rep.mismatches and not rep.errors
+    assert rep.to_json()["identical_fraction"] == 1.0
+    bare = next(d for d in recs if not d.instances)
+    with pytest.raises(NotReplayable, match="without the instances' views"):
+        replay(bare)
+    rc = main(["audit", "replay", "--file", str(_write(tmp_path / "d.jsonl", recs))])
+    out = capsys.readouterr().out
+    assert rc == 0 and "without views (not replayable): 80" in out
+
+
+def test_views_every_must_not_be_negative() -> None:
+    from goodserve.dispatcher.estimator import FleetEstimator
+    from goodserve.dispatcher.predictor.model import ConstantPredictor
+    from goodserve.dispatcher.router import Router
+    from goodserve.dispatcher.service import DispatcherService
+
+    from goodserve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="views_every"):
+        Router(estimator=FleetEstimator(), predictor=ConstantPredictor(10.0), policy="goodserve",
+               views_every=-1)
+    with pytest.raises(ConfigError, match="decision_views_every"):
+        DispatcherService(settings=Settings(), decision_views_every=-1)
+    args = build_parser().parse_args(["dispatcher", "--decision-views-every", "8"])
+    assert args.decision_views_every == 8

@@ -127,3 +127,8 @@ def test_an_unaudited_decision_has_no_record() -> None:
         unaudited[0].record()
     with pytest.raises(RuntimeError, match="without its audit record"):
         _ = unaudited[0].scores
+    # the decisions it left to the whole chain have their mask, but no record either
+    chained = [o for o in outs if o.mask is not None]
+    assert chained
+    with pytest.raises(RuntimeError, match="record_views=True"):
+        chained[0].record()

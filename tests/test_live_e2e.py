@@ -8,6 +8,7 @@ import random
 import pytest
 from goodserve.schemas import AgentRequest, DeadLetter, Decision, Result
 
+from goodserve.audit import replay_decisions
 from goodserve.client import GoodServeClient
 from goodserve.config import Settings
 from goodserve.sim.fleet import Fleet, FleetInstance
@@ -71,9 +72,11 @@ async def test_200_requests_through_three_gpu_types(kafka_settings: Settings, no
     one NodeConsumer and one producer, as on a multi-GPU node: the same guarantees."""
     s = kafka_settings
     reqs = make_requests(200)
+    views_every = 4 if node else 1  # the audit's sampled views, on one of the two runs
     async with (
         LocalStack(settings=s, fleet=FLEET, time_scale=0.02, heartbeat_period_s=0.1,
-                   shared_worker_producer=node, shared_worker_consumer=node) as stack,
+                   shared_worker_producer=node, shared_worker_consumer=node,
+                   decision_views_every=views_every) as stack,
         GoodServeClient(settings=s) as client,
     ):
         await asyncio.sleep(0.5)  # first heartbeats
@@ -109,6 +112,16 @@ async def test_200_requests_through_three_gpu_types(kafka_settings: Settings, no
         assert d.outcome == "assigned" and d.chosen in cands, d
         assert cands[d.chosen].eligible and cands[d.chosen].slack_s > 0, d
         assert d.deadline == pytest.approx(d.request.arrival + d.request.slo_s, abs=1e-6)
+    # the live records replay bit for bit; with views in one record of four, those do and
+    # the others are counted apart
+    rep = replay_decisions(decisions, check_preds=False)
+    with_views = sum(1 for d in decisions if d.instances)
+    assert not rep.mismatches and not rep.errors, (rep.mismatches[:3], rep.errors[:3])
+    assert rep.identical == with_views and rep.without_views == len(decisions) - with_views
+    if node:
+        assert len(decisions) // 4 - 5 <= with_views <= len(decisions) // 4 + 5
+    else:
+        assert with_views == len(decisions)
 
 
 async def test_two_dispatcher_replicas_share_the_load(kafka_settings: Settings) -> None:

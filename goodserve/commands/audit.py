@@ -57,7 +57,9 @@ def run_replay(args: argparse.Namespace) -> int:
     else:
         pr = rep["predictions"]
         print(f"decisions: {rep['count']}  identical: {rep['identical']}  "
-              f"mismatches: {len(rep['mismatches'])}  errors: {len(rep['errors'])}")
+              f"mismatches: {len(rep['mismatches'])}  errors: {len(rep['errors'])}"
+              + (f"  without views (not replayable): {rep['without_views']}"
+                 if rep["without_views"] else ""))
         print(f"predictions: checked {pr['checked']} (skipped {pr['skipped']}: other predictor "
               f"versions), P50 identical {pr['p50_identical']}, "
               f"P90 recalibrated online {pr['p90_recalibrated']}")

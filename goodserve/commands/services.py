@@ -32,6 +32,10 @@ def register(sub: Any) -> None:
     d.add_argument("--rebuild-lookback-s", type=float, default=600.0,
                    help="on start and rebalance, rebuild in-flight placements from the last "
                         "this many seconds of the topics (0: off; default 600)")
+    d.add_argument("--decision-views-every", type=int, default=1, metavar="N",
+                   help="one decision in N records every instance's view, what `goodserve "
+                        "audit replay` needs to redo it (default 1: every decision; the "
+                        "views are most of a record on a large fleet; 0: none)")
     d.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     d.set_defaults(func=run_dispatcher)
     m = sub.add_parser("monitor", help="run the standalone risk monitor (migrations)")
@@ -66,6 +70,7 @@ def run_dispatcher(args: argparse.Namespace) -> int:
         monitor=not args.no_monitor, default_slo_s=args.default_slo_s,
         max_tokens_bound=not args.no_max_tokens_bound,
         metrics_port=args.metrics_port, rebuild_lookback_s=args.rebuild_lookback_s,
+        decision_views_every=args.decision_views_every,
     )
     asyncio.run(serve_until_signal(svc.start, svc.stop))
     return 0

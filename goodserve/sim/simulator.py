@@ -52,6 +52,9 @@ class SimConfig:
     closed_loop: bool = True
     """Release workflow steps when the previous step finishes (plus its think time)."""
     record_decisions: bool = False
+    decision_views_every: int = 1
+    """With ``record_decisions``: one decision in this many records every instance's view
+    (``Router.views_every``), as the dispatcher's setting of the same name."""
     max_batch: int = 256
     slowdowns: list[tuple[float, str, float]] = field(default_factory=list)
     """(time_s, instance_id, speed_factor) events: e.g. an instance degrading mid-run."""
@@ -129,6 +132,7 @@ class Simulator:
             seed=self.cfg.seed,
             default_slo_s=self.cfg.default_slo_s,
             record_views=self.cfg.record_decisions,
+            views_every=self.cfg.decision_views_every,
         )
         migrate = policy.migrate if self.cfg.migrate is None else self.cfg.migrate
         self.monitor = RiskMonitor(self.cfg.monitor) if migrate else None
