@@ -173,7 +173,9 @@ class InstanceView(msgspec.Struct, kw_only=True):
 
 
 class Decision(Message, tag="decision", kw_only=True):
-    """Audit record of one routing decision: everything needed to replay it bit for bit."""
+    """Audit record of one routing decision: everything needed to replay it bit for bit
+    (unless ``config["views_omitted"]``: a dispatcher with ``decision_views_every`` > 1
+    leaves the instances' views out of all but one record in N)."""
 
     decision_id: str
     request_id: str
