@@ -68,3 +68,16 @@ def test_router_bench_reports_batched_decisions(predictor: OutputLengthPredictor
     assert out["decisions_per_s"] > 0 and out["decision_p99_us"] >= out["decision_p50_us"] > 0
     with pytest.raises(ValueError, match="batch"):
         run_router_bench(instances=4, requests=1, batch=0, predictor=predictor)
+
+
+def test_router_bench_builds_audit_records_with_and_without_views(
+    predictor: OutputLengthPredictor,
+) -> None:
+    """``--audit`` builds and encodes every record, as the dispatcher does (a router that
+    keeps no record refuses ``record()``: this fails if the bench's router did not)."""
+    for every in (1, 0):
+        out = run_router_bench(instances=16, rps=500, requests=200, batch=16,
+                               predictor=predictor, audit=True, views_every=every)
+        assert out["audit_record"] and out["views_every"] == every
+    assert run_router_bench(instances=16, rps=500, requests=50, predictor=predictor,
+                            views_every=0)["views_every"] == 0

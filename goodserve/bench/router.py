@@ -8,6 +8,10 @@ and instances heartbeat every 100 ms of virtual time, so the fleet stays loaded.
 Only the router is timed. With ``batch`` > 1 requests come in groups of that size, as
 a dispatcher's poll hands them over, and are predicted together (``Router.predict``);
 each decision is then charged its share of the batch prediction plus its own routing.
+With ``audit`` each decision also builds and encodes its audit record as the dispatcher
+does (the instances' views in one record of ``views_every``); without it the router
+keeps no record (``Router(record_views=False)``) and checks its pick instead of masking
+the fleet with the chain's last filters.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.router import Router
-from goodserve.schemas import AgentRequest
+from goodserve.schemas import AgentRequest, encode
 from goodserve.testing.snapshots import beat_all
 
 GPU_MIX = ["H100", "A100", "A40", "L40S", "V100", "H200", "A800", "L4"]
@@ -43,6 +47,7 @@ def run_router_bench(
     requests: int = 20000,
     policy: str = "goodserve",
     audit: bool = False,
+    views_every: int = 1,
     seed: int = 0,
     predictor: Any = None,
     batch: int = 1,
@@ -64,6 +69,7 @@ def run_router_bench(
         policy=policy,
         seed=seed,
         record_views=audit,
+        views_every=views_every,
     )
     ends: list[tuple[float, str]] = []
     lat = np.zeros(requests)
@@ -93,7 +99,7 @@ def run_router_bench(
         t0 = time.perf_counter_ns()
         out = router.route(req, now, predicted=predicted)
         if audit:
-            out.record(top_k=16)
+            encode(out.record(top_k=32))  # what the dispatcher sends to the decisions topic
         lat[k] = time.perf_counter_ns() - t0 + share_ns
         pred[k] = share_ns
         if out.slot is not None:
@@ -111,6 +117,7 @@ def run_router_bench(
         "requests": requests,
         "policy": policy,
         "audit_record": audit,
+        "views_every": views_every if audit else 0,
         "batch": batch,
         "decisions_per_s": requests / total_s,
         "decision_p50_us": float(np.percentile(lat, 50) / 1e3),

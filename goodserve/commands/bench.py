@@ -16,7 +16,12 @@ def register(sub: Any) -> None:
     r.add_argument("--rps", type=float, default=10000.0)
     r.add_argument("--requests", type=int, default=20000)
     r.add_argument("--policy", default="goodserve")
-    r.add_argument("--audit", action="store_true", help="also build each decision's audit record")
+    r.add_argument("--audit", action="store_true",
+                   help="also build and encode each decision's audit record, as the "
+                        "dispatcher does")
+    r.add_argument("--views-every", type=int, default=1, metavar="N",
+                   help="with --audit: the instances' views in one record of N (the "
+                        "dispatcher's --decision-views-every; default 1, 0: none)")
     r.add_argument("--batch", type=int, default=1,
                    help="requests per poll, predicted together (default 1: one by one)")
     r.add_argument("--json", action="store_true")
@@ -68,6 +73,7 @@ def run_router(args: argparse.Namespace) -> int:
         requests=args.requests,
         policy=args.policy,
         audit=args.audit,
+        views_every=args.views_every,
         batch=args.batch,
         progress=Progress("bench router", enabled=not args.quiet),
     )
