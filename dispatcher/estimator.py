@@ -283,6 +283,7 @@ class FleetEstimator:
         self._dl_deadline = np.zeros(64)
         self._dl_rows: list[TrackedRequest] = []
         self._budget_recorded: np.ndarray | None = None  # replay: what the decision saw
+        self._views_kept: tuple[np.ndarray, list[InstanceView]] | None = None  # views()
         self._budget: np.ndarray | None = None  # budget_load at _budget_at, kept up to date
         self._budget_at = -math.inf
         # per instance, budget_load's terms of the requests another dispatcher replica placed
@@ -1298,75 +1299,39 @@ class FleetEstimator:
 
     # ---------------------------------------------------------------- audit
     def views(self, now: float) -> list[InstanceView]:
-        """The state a decision saw, one record per instance (for the audit log and replay)."""
-        usable = self.usable(now)
-        cols = {
-            name: getattr(self, name).tolist()
-            for name in (
-                "hb_running",
-                "hb_waiting",
-                "max_batch",
-                "hb_kv_used",
-                "kv_total",
-                "queue_s",
-                "pb",
-                "pf",
-                "prefill_corr",
-                "d0",
-                "d1",
-                "dc",
-                "pq",
-                "tpot_corr",
-                "prefill_busy",
-                "speed",
-                "n_active",
-                "rem_tokens",
-                "pending_prefill",
-                "min_slack",
-                "rem_at_min",
-                "ctx_tokens",
-                "finish_corr",
-            )
-        }
-        err = self.finish_err()
-        budget = self.budget_load(now).tolist()
-        out = []
-        for i, info in enumerate(self.infos):
-            ms = cols["min_slack"][i]
-            out.append(
-                InstanceView(
-                    instance_id=info.instance_id,
-                    gpu=info.gpu,
-                    model=info.model,
-                    alive=bool(usable[i]),
-                    running=int(cols["hb_running"][i]),
-                    waiting=int(cols["hb_waiting"][i]),
-                    max_batch=int(cols["max_batch"][i]),
-                    kv_used_tokens=cols["hb_kv_used"][i],
-                    kv_total_tokens=cols["kv_total"][i],
-                    queue_s=cols["queue_s"][i],
-                    prefill_base_s=cols["pb"][i],
-                    prefill_s_per_token=cols["pf"][i],
-                    prefill_corr=cols["prefill_corr"][i],
-                    tpot_base_s=cols["d0"][i],
-                    tpot_slope_s=cols["d1"][i],
-                    tpot_ctx_s=cols["dc"][i],
-                    prefill_quad_s=cols["pq"][i],
-                    tpot_corr=cols["tpot_corr"][i],
-                    prefill_busy=cols["prefill_busy"][i],
-                    speed=cols["speed"][i],
-                    outstanding=int(cols["n_active"][i]),
-                    rem_tokens=cols["rem_tokens"][i],
-                    pending_prefill_tokens=cols["pending_prefill"][i],
-                    min_slack_s=ms if math.isfinite(ms) else None,
-                    rem_at_min=cols["rem_at_min"][i],
-                    ctx_tokens=cols["ctx_tokens"][i],
-                    finish_corr=cols["finish_corr"][i],
-                    finish_err=float(err[i]),
-                    budget_load=budget[i],
-                )
-            )
-        return out
+        """The state a decision saw, one record per instance (for the audit log and replay).
+
+        The dispatcher takes them for every decision it records, and between two decisions
+        few instances change (the one placed on, those that sent a heartbeat), so the last
+        list is kept with the state it was made from: only the instances whose state
+        differs in any bit get a new view (the same values as a fresh list; tested). Do not
+        modify the views returned.
+        """
+        n = len(self.infos)
+        state = np.empty((len(_VIEW_COLS) + 3, n))
+        for k, name in enumerate(_VIEW_COLS):
+            state[k] = getattr(self, name)
+        state[-3] = self.usable(now)
+        state[-2] = self.finish_err()
+        state[-1] = self.budget_load(now)
+        kept = self._views_kept
+        if kept is not None and kept[0].shape == state.shape:
+            old, views = kept[0], list(kept[1])
+            changed = (state.view(np.uint64) != old.view(np.uint64)).any(axis=0)
+            slots: list[int] = changed.nonzero()[0].tolist()
+        else:
+            views, slots = [], list(range(n))
+        if slots:
+            cols = state[:, slots].T.tolist()
+            infos = self.infos
+            built = [_view(infos[i], vals) for i, vals in zip(slots, cols, strict=True)]
+            if views:
+                for i, v in zip(slots, built, strict=True):
+                    views[i] = v
+            else:
+                views = built
+        self._views_kept = (state, views)
+        return views
 
     @classmethod
     def from_views(cls, views: list[InstanceView]) -> FleetEstimator:
@@ -1424,6 +1389,73 @@ class FleetEstimator:
         est._bind_coef(np.zeros((len(_COEF_ROWS), n)))
         est.refresh_all()
         return est
+
+
+_VIEW_COLS = (
+    "hb_running",
+    "hb_waiting",
+    "max_batch",
+    "hb_kv_used",
+    "kv_total",
+    "queue_s",
+    "pb",
+    "pf",
+    "prefill_corr",
+    "d0",
+    "d1",
+    "dc",
+    "pq",
+    "tpot_corr",
+    "prefill_busy",
+    "speed",
+    "n_active",
+    "rem_tokens",
+    "pending_prefill",
+    "min_slack",
+    "rem_at_min",
+    "ctx_tokens",
+    "finish_corr",
+)
+"""The estimator's arrays an ``InstanceView`` records, in the order of ``_view``'s values
+(then alive, finish_err, budget_load)."""
+
+
+def _view(info: InstanceInfo, vals: list[float]) -> InstanceView:
+    """One instance's view from its column of ``FleetEstimator.views``' state."""
+    (running, waiting, max_batch, kv_used, kv_total, queue_s, pb, pf, prefill_corr, d0, d1,
+     dc, pq, tpot_corr, prefill_busy, speed, n_active, rem_tokens, pending, ms, rem_at_min,
+     ctx_tokens, finish_corr, alive, err, budget) = vals
+    return InstanceView(
+        instance_id=info.instance_id,
+        gpu=info.gpu,
+        model=info.model,
+        alive=bool(alive),
+        running=int(running),
+        waiting=int(waiting),
+        max_batch=int(max_batch),
+        kv_used_tokens=kv_used,
+        kv_total_tokens=kv_total,
+        queue_s=queue_s,
+        prefill_base_s=pb,
+        prefill_s_per_token=pf,
+        prefill_corr=prefill_corr,
+        tpot_base_s=d0,
+        tpot_slope_s=d1,
+        tpot_ctx_s=dc,
+        prefill_quad_s=pq,
+        tpot_corr=tpot_corr,
+        prefill_busy=prefill_busy,
+        speed=speed,
+        outstanding=int(n_active),
+        rem_tokens=rem_tokens,
+        pending_prefill_tokens=pending,
+        min_slack_s=ms if math.isfinite(ms) else None,
+        rem_at_min=rem_at_min,
+        ctx_tokens=ctx_tokens,
+        finish_corr=finish_corr,
+        finish_err=err,
+        budget_load=budget,
+    )
 
 
 def _clip(ratio: float, lo: float = 0.05, hi: float = 20.0) -> float:
