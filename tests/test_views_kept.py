@@ -9,9 +9,9 @@ from __future__ import annotations
 import random
 
 import msgspec
-from goodserve.schemas import Heartbeat
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.router import Router
+from goodserve.schemas import Heartbeat
 
 from goodserve.testing.snapshots import VaryingLengths, random_request
 
