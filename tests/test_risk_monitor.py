@@ -103,3 +103,66 @@ def test_migrations_are_bounded_per_request() -> None:
     (plan,) = mon.plan(est, now)
     mon.record(plan)
     assert mon.plan(est, now + 1.0) == []
+
+
+def _at_risk_one_by_one(mon: RiskMonitor, est: FleetEstimator, now: float) -> list[str]:
+    """The at-risk requests as the round's first pass must find them: each judged alone
+    through ``request_risk`` (which takes the fleet's vectors itself), every rule applied,
+    most at risk first."""
+    cfg = mon.config
+    found = []
+    for tr in est.requests.values():
+        risk, _ = mon.request_risk(est, tr, now)
+        outran = tr.generated > (tr.p50 or tr.planned_tokens)
+        slowed = float(est.slowdown()[tr.slot]) >= cfg.slowdown_ratio
+        if (mon.migrations.get(tr.request_id, 0) < cfg.max_migrations_per_request
+                and tr.deadline - now > 0 and risk >= cfg.risk_threshold
+                and tr.cached_tokens <= cfg.max_cached_share * tr.input_tokens
+                and (not cfg.require_cause or outran or slowed)):
+            found.append((risk, tr.request_id))
+    found.sort(key=lambda x: -x[0])
+    return [rid for _, rid in found]
+
+
+@pytest.mark.parametrize("require_cause", [True, False])
+def test_a_round_finds_what_judging_each_request_alone_finds(require_cause: bool) -> None:
+    """A round (``at_risk``) takes the fleet's TPOT and slowdown once and tests the cheap
+    rules first (a round over 20,480 requests on 512 instances took 350 ms, 4-40 ms
+    since): the same requests at risk, in the same order, with the same figures, as the
+    rules applied to each request alone, on a fleet with two instances slowed, requests
+    past their P50, queued ones, cached ones and some already late; the plans follow."""
+    import random
+
+    rng = random.Random(8)
+    est = FleetEstimator()
+    gpus = ["H100", "A100", "A40", "V100"]
+    for i in range(24):
+        est.add_instance(f"i{i}", gpu=gpus[i % 4], alive=True)
+    for k in range(600):
+        iid = f"i{rng.randrange(24)}"
+        est.on_assign(iid, request_id=f"r{k}", input_tokens=rng.randint(50, 3000),
+                      planned_tokens=300.0, deadline=rng.uniform(0.5, 30.0), now=0.0,
+                      p50=rng.uniform(50, 300), p90=rng.uniform(300, 600),
+                      cached_tokens=rng.choice([0, 0, 0, 40, 2000]))
+        tr = est.requests[f"r{k}"]
+        tr.started = rng.random() < 0.7
+        tr.generated = rng.randint(0, 500) if tr.started else 0
+    t = 0.0
+    for _ in range(40):  # heartbeats: i1 and i6 run 4x slower than the model
+        t += 0.1
+        for slot in range(24):
+            _beat(est, slot, t, tpot_factor=4.0 if slot in (1, 6) else 1.0)
+    mon = RiskMonitor(MonitorConfig(require_cause=require_cause, max_migrations_per_s=1e9))
+    expected = _at_risk_one_by_one(mon, est, t)
+    assert len(expected) > 20
+    found = mon.at_risk(est, t)
+    assert [tr.request_id for _, tr, _ in found] == expected
+    for risk, tr, t_here in found:  # the same figures as the request judged alone
+        assert (risk, t_here) == mon.request_risk(est, tr, t)
+    plans = mon.plan(est, t)
+    assert plans and {p.source for p in plans} >= {"i1", "i6"}
+    # plans follow the at-risk order (those without a target in time are skipped)
+    order = {rid: n for n, rid in enumerate(expected)}
+    assert all(p.request_id in order for p in plans)
+    ranks = [order[p.request_id] for p in plans]
+    assert ranks == sorted(ranks)
