@@ -93,6 +93,7 @@ async def run_dispatch_bench(
     client_linger_ms: int = 2,
     shared_worker_producer: bool = True,
     shared_worker_consumer: bool = True,
+    decision_views_every: int = 1,
 ) -> dict[str, Any]:
     """Run the bench on ``settings``' broker (topics under a fresh prefix); a JSON-able dict.
 
@@ -130,6 +131,7 @@ async def run_dispatch_bench(
                               now - a.dispatched_at)
 
     stack = LocalStack(settings=s, fleet=fleet, policy=policy, predictor=predictor,
+                       decision_views_every=decision_views_every,
                        monitor=monitor, time_scale=time_scale, heartbeat_period_s=0.25,
                        default_slo_s=60.0, shared_worker_producer=shared_worker_producer,
                        shared_worker_consumer=shared_worker_consumer)
@@ -183,6 +185,7 @@ async def run_dispatch_bench(
         "broker": s.bootstrap_servers,
         "policy": policy,
         "monitor": monitor,
+        "decision_views_every": decision_views_every,
         "instances": instances,
         "time_scale": time_scale,
         "client_linger_ms": client_linger_ms,
@@ -269,6 +272,7 @@ async def run_dispatch_bench_processes(
     client_linger_ms: int = 2,
     shared_worker_producer: bool = True,
     shared_worker_consumer: bool = True,
+    decision_views_every: int = 1,
 ) -> dict[str, Any]:
     """As ``run_dispatch_bench`` with the dispatcher and the workers as separate processes.
 
@@ -303,7 +307,8 @@ async def run_dispatch_bench_processes(
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env())
     reader = asyncio.create_task(_read_counts(workers, counts))
     disp_cmd = [sys.executable, "-m", "goodserve.cli", "dispatcher", *_settings_args(s),
-                "--policy", policy, "--default-slo-s", "60"]
+                "--policy", policy, "--default-slo-s", "60",
+                "--decision-views-every", str(decision_views_every)]
     dispatcher: asyncio.subprocess.Process | None = None
     sent_at: dict[str, float] = {}
     try:
@@ -382,6 +387,7 @@ async def run_dispatch_bench_processes(
         "broker": s.bootstrap_servers,
         "policy": policy,
         "monitor": monitor,
+        "decision_views_every": decision_views_every,
         "instances": instances,
         "time_scale": time_scale,
         "client_linger_ms": client_linger_ms,

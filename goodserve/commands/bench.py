@@ -42,6 +42,9 @@ def register(sub: Any) -> None:
                    help="then seconds of unmeasured requests at --rps, right before the "
                         "measured ones (default 3; processes mode)")
     d.add_argument("--policy", default="goodserve")
+    d.add_argument("--decision-views-every", type=int, default=1, metavar="N",
+                   help="the dispatcher's setting: the instances' views in one decision "
+                        "record of N (default 1)")
     d.add_argument("--no-monitor", action="store_true", help="run without the risk monitor")
     d.add_argument("--client-linger-ms", type=int, default=2,
                    help="the load generator's produce linger (default 2 ms; 0: an agent's "
@@ -112,6 +115,7 @@ def run_dispatch(args: argparse.Namespace) -> int:
         client_linger_ms=args.client_linger_ms,
         shared_worker_producer=args.worker_producer == "shared",
         shared_worker_consumer=args.worker_consumer == "node",
+        decision_views_every=args.decision_views_every,
     )
     bench = run_dispatch_bench if args.in_process else run_dispatch_bench_processes
     if not args.in_process:
