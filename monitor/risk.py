@@ -211,7 +211,7 @@ class RiskMonitor:
         The instances' TPOT at their batch and whether they slowed are taken once a round
         (``tpot_now``: ``_tpot_now``): every request asked for them, and each answer was a
         vector over the fleet (a dispatcher with 20,480 requests on 512 instances spent
-        350 ms a round on that, 4-40 ms since). The cheap tests come first; all must pass,
+        350 ms a round on that, 4-80 ms since). The cheap tests come first; all must pass,
         so their order does not change which requests are at risk.
         """
         cfg = self.config

@@ -127,7 +127,7 @@ def _at_risk_one_by_one(mon: RiskMonitor, est: FleetEstimator, now: float) -> li
 @pytest.mark.parametrize("require_cause", [True, False])
 def test_a_round_finds_what_judging_each_request_alone_finds(require_cause: bool) -> None:
     """A round (``at_risk``) takes the fleet's TPOT and slowdown once and tests the cheap
-    rules first (a round over 20,480 requests on 512 instances took 350 ms, 4-40 ms
+    rules first (a round over 20,480 requests on 512 instances took 350 ms, 4-80 ms
     since): the same requests at risk, in the same order, with the same figures, as the
     rules applied to each request alone, on a fleet with two instances slowed, requests
     past their P50, queued ones, cached ones and some already late; the plans follow."""
