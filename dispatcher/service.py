@@ -44,6 +44,7 @@ from goodserve.schemas import (
     AgentRequest,
     Assignment,
     Checkpoint,
+    Decision,
     ErrorInfo,
     Heartbeat,
     MigrationCommand,
@@ -56,6 +57,7 @@ from goodserve.errors import (
     ConfigError,
     DuplicateRequest,
     GoodServeError,
+    RecordTooLarge,
     TransportError,
     Unschedulable,
 )
@@ -117,6 +119,9 @@ class DispatcherStats:
     rebuilds: int = 0
     restored: int = 0
     """Placements restored from the topics by rebuilds (``rebuild_placements``)."""
+    decisions_too_large: int = 0
+    """Decision records sent without the instances' views because with them they were
+    larger than the producer accepts (``_send_decision``)."""
     decision_us: deque[float] = field(default_factory=lambda: deque(maxlen=10000))
 
 
@@ -671,11 +676,8 @@ class DispatcherService(AsyncService):
         )
         self.stats.decision_us.append((time.perf_counter() - t0) * 1e6)
         self.metrics.observe_decision(time.perf_counter() - t0, out.instance_id)
-        record = out.record(top_k=32)
         s = self.settings
-        deliveries.append(
-            await self._producer.send_nowait(s.decisions_topic, record, key=req.request_id)
-        )
+        deliveries.append(await self._send_decision(out.record(top_k=32)))
         if out.instance_id is None:
             self.seen.discard(req.request_id)
             err = Unschedulable(f"no instance can meet the deadline: {out.how}")
@@ -714,6 +716,30 @@ class DispatcherService(AsyncService):
             planned=out.planned_tokens,
         )
         return "assigned"
+
+    async def _send_decision(self, record: Decision) -> Delivery:
+        """Enqueue a decision record; one too large for the producer goes without the
+        instances' views (``views_omitted``, as ``decision_views_every`` leaves them out).
+
+        A view is about 0.7 KiB an instance, so past about 1,500 instances a record is
+        more than aiokafka's default 1 MiB a request: refused before it is sent, and it
+        would be refused again on every retry, holding up every request behind it.
+        """
+        assert self._producer is not None
+        topic, key = self.settings.decisions_topic, record.request_id
+        try:
+            return await self._producer.send_nowait(topic, record, key=key)
+        except RecordTooLarge as e:
+            self.stats.decisions_too_large += 1
+            if self.stats.decisions_too_large % 1000 == 1:  # the first, then one in 1,000
+                log.warning("dispatcher.decision_too_large", error=str(e),
+                            instances=len(record.instances),
+                            count=self.stats.decisions_too_large,
+                            hint="--decision-views-every N records the views in one of N")
+            bare = msgspec.structs.replace(
+                record, instances=[], config={**record.config, "views_omitted": True}
+            )
+            return await self._producer.send_nowait(topic, bare, key=key)
 
     def block_hashes(self, req: AgentRequest) -> list[int] | None:
         """The prompt's chained KV-block hashes for the prefix index (token ids, else text,
@@ -1413,7 +1439,7 @@ class DispatcherService(AsyncService):
         )
         await self._ensure_instance_topic(out.instance_id)
         await self._producer.send(self.settings.instance_topic(out.instance_id), new, key=rid)
-        await self._producer.send(self.settings.decisions_topic, out.record(top_k=32), key=rid)
+        await (await self._send_decision(out.record(top_k=32)))
         del self.orphans[rid]
         self.assignments[rid] = new
         if x is None:

@@ -242,6 +242,9 @@ class DispatcherMetrics(ServiceMetrics):
             ("goodserve_dispatcher_migrations", "Migrations commanded", s.migrations),
             ("goodserve_dispatcher_reissued", "Requests re-dispatched from dead instances",
              s.reissued),
+            ("goodserve_dispatcher_decisions_too_large",
+             "Decision records sent without the instances' views (too large with them)",
+             s.decisions_too_large),
         ):
             yield CounterMetricFamily(name, doc, value=val)
         yield GaugeMetricFamily("goodserve_dispatcher_held_now", "Requests held right now",

@@ -91,6 +91,13 @@ class BrokerUnavailable(TransportError):
     code = "broker_unavailable"
 
 
+class RecordTooLarge(TransportError):
+    """A record larger than the producer or the topic accepts: sending it again fails again."""
+
+    code = "record_too_large"
+    retriable = False
+
+
 class EngineError(GoodServeError):
     """The inference engine failed a request."""
 

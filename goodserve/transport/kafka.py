@@ -17,13 +17,20 @@ from aiokafka.errors import (
     KafkaError,
     KafkaTimeoutError,
     KafkaUnavailableError,
+    MessageSizeTooLargeError,
     NodeNotReadyError,
     RequestTimedOutError,
 )
 from aiokafka.helpers import create_ssl_context
 
 from goodserve.config import Settings
-from goodserve.errors import BrokerUnavailable, ConfigError, GoodServeError, TransportError
+from goodserve.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    GoodServeError,
+    RecordTooLarge,
+    TransportError,
+)
 
 Role = Literal["producer", "consumer", "admin"]
 
@@ -85,6 +92,8 @@ def map_kafka_error(e: BaseException, op: str) -> GoodServeError:
     name = type(e).__name__
     if isinstance(e, _UNAVAILABLE):
         return BrokerUnavailable(f"{op}: broker unavailable ({name}: {e})")
+    if isinstance(e, MessageSizeTooLargeError):
+        return RecordTooLarge(f"{op}: {name}: {e}")
     if isinstance(e, KafkaError):
         err = TransportError(f"{op}: {name}: {e}")
         err.retriable = bool(getattr(e, "retriable", True))
