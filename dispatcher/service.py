@@ -642,7 +642,8 @@ class DispatcherService(AsyncService):
             )
         try:
             models = self._served_models()
-            validate_request(req, now, self.limits, models, self.default_slo_s)
+            validate_request(req, now, self.limits, models, self.default_slo_s,
+                             size_bytes=len(env.raw) if env.raw else None)
             self.seen.check_and_add(req.request_id)
         except DuplicateRequest as e:
             # the first copy will produce the one result: only dead-letter this one
@@ -677,7 +678,9 @@ class DispatcherService(AsyncService):
         self.stats.decision_us.append((time.perf_counter() - t0) * 1e6)
         self.metrics.observe_decision(time.perf_counter() - t0, out.instance_id)
         s = self.settings
-        deliveries.append(await self._send_decision(out.record(top_k=32)))
+        sent = await self._send_decision(out.record(top_k=32))
+        if sent is not None:
+            deliveries.append(sent)
         if out.instance_id is None:
             self.seen.discard(req.request_id)
             err = Unschedulable(f"no instance can meet the deadline: {out.how}")
@@ -717,13 +720,16 @@ class DispatcherService(AsyncService):
         )
         return "assigned"
 
-    async def _send_decision(self, record: Decision) -> Delivery:
+    async def _send_decision(self, record: Decision) -> Delivery | None:
         """Enqueue a decision record; one too large for the producer goes without the
-        instances' views (``views_omitted``, as ``decision_views_every`` leaves them out).
+        instances' views (``views_omitted``, as ``decision_views_every`` leaves them out),
+        and if still too large, without the request's prompt too (``prompt_omitted``;
+        replay reads the recorded features, not the prompt). None: not even that fits.
 
         A view is about 0.7 KiB an instance, so past about 1,500 instances a record is
-        more than aiokafka's default 1 MiB a request: refused before it is sent, and it
-        would be refused again on every retry, holding up every request behind it.
+        more than aiokafka's default 1 MiB a request, and a prompt of nearly 1 MB fills a
+        record alone: refused before it is sent, and refused again on every retry, which
+        would hold up every request behind it.
         """
         assert self._producer is not None
         topic, key = self.settings.decisions_topic, record.request_id
@@ -736,10 +742,20 @@ class DispatcherService(AsyncService):
                             instances=len(record.instances),
                             count=self.stats.decisions_too_large,
                             hint="--decision-views-every N records the views in one of N")
-            bare = msgspec.structs.replace(
-                record, instances=[], config={**record.config, "views_omitted": True}
-            )
-            return await self._producer.send_nowait(topic, bare, key=key)
+        config = {**record.config, "views_omitted": True}
+        record = msgspec.structs.replace(record, instances=[], config=config)
+        try:
+            return await self._producer.send_nowait(topic, record, key=key)
+        except RecordTooLarge:
+            pass
+        config = {**config, "prompt_omitted": True}
+        req = msgspec.structs.replace(record.request, prompt=None, prompt_token_ids=None)
+        record = msgspec.structs.replace(record, request=req, config=config)
+        try:
+            return await self._producer.send_nowait(topic, record, key=key)
+        except RecordTooLarge as e:
+            log.error("dispatcher.decision_not_recorded", error=str(e))
+            return None
 
     def block_hashes(self, req: AgentRequest) -> list[int] | None:
         """The prompt's chained KV-block hashes for the prefix index (token ids, else text,
@@ -1439,7 +1455,9 @@ class DispatcherService(AsyncService):
         )
         await self._ensure_instance_topic(out.instance_id)
         await self._producer.send(self.settings.instance_topic(out.instance_id), new, key=rid)
-        await (await self._send_decision(out.record(top_k=32)))
+        sent = await self._send_decision(out.record(top_k=32))
+        if sent is not None:
+            await sent
         del self.orphans[rid]
         self.assignments[rid] = new
         if x is None:

@@ -29,11 +29,17 @@ class Limits:
     max_slo_s: float = 86400.0
     clock_skew_s: float = 1.0
     """Deadlines this far in the past are still accepted (and then likely missed)."""
+    max_request_bytes: int = 1_044_480
+    """The request's encoded size: the Assignment that carries it to the worker must fit
+    in one Kafka record, and the producer takes at most 1 MiB (aiokafka's
+    ``max_request_size``); 4 KiB are left for the rest of the Assignment."""
 
 
 def validate_request(req: AgentRequest, now: float, limits: Limits,
-                     models: frozenset[str] | None = None, default_slo_s: float = 30.0) -> int:
-    """Raise an InvalidInput for a request that can never be served; return its input tokens."""
+                     models: frozenset[str] | None = None, default_slo_s: float = 30.0,
+                     size_bytes: int | None = None) -> int:
+    """Raise an InvalidInput for a request that can never be served; return its input tokens.
+    ``size_bytes``: its encoded size, where known (the record it came in)."""
     if not req.request_id or len(req.request_id) > 256:
         raise InvalidRequest("request_id must be 1-256 characters")
     if req.max_tokens < 1:
@@ -47,6 +53,11 @@ def validate_request(req: AgentRequest, now: float, limits: Limits,
     if req.prompt is not None and len(req.prompt) > limits.max_prompt_chars:
         raise PromptTooLarge(
             f"prompt of {len(req.prompt)} characters exceeds {limits.max_prompt_chars}"
+        )
+    if size_bytes is not None and size_bytes > limits.max_request_bytes:
+        raise PromptTooLarge(
+            f"request of {size_bytes} bytes exceeds {limits.max_request_bytes}: the Assignment"
+            " that carries it must fit in one Kafka record (1 MiB)"
         )
     if req.input_tokens is not None and req.input_tokens < 1:
         raise InvalidRequest(f"input_tokens must be >= 1, got {req.input_tokens}")

@@ -8,6 +8,7 @@ at about 1,500 instances it would pass Kafka's default message size limit (1 MB)
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 from goodserve.dispatcher.estimator import FleetEstimator
@@ -114,3 +115,121 @@ def test_a_record_too_large_is_not_retriable() -> None:
     e = map_kafka_error(MessageSizeTooLargeError("1,100,000 bytes"), "send to decisions")
     assert isinstance(e, RecordTooLarge) and isinstance(e, TransportError)
     assert not e.retriable and e.code == "record_too_large"
+
+
+async def _dispatcher_with(s: Settings, n: int) -> Any:
+    """A started dispatcher that has heard from ``n`` instances of mixed GPUs."""
+    import time
+
+    from goodserve.dispatcher.service import DispatcherService
+    from goodserve.schemas import Heartbeat
+
+    from goodserve.sim.fleet import Fleet, FleetInstance
+
+    gpus = ["H100", "A100", "A40", "L40S", "V100", "H200", "A800", "L4"]
+    fleet = Fleet(instances=[FleetInstance(id=f"g{i:04d}", gpu=gpus[i % 8]) for i in range(n)])
+    disp = DispatcherService(settings=s, fleet=fleet, monitor=False, default_slo_s=30.0)
+    await disp.start()
+    now = time.time()
+    for inst in fleet.instances:
+        disp.observe(Heartbeat(instance_id=inst.id, gpu=inst.gpu, model="llama-2-7b",
+                               engine="sim", at=now))
+    return disp
+
+
+async def _send_and_wait(s: Settings, disp: Any, reqs: list[AgentRequest],
+                         assigned: int, rejected: int) -> None:
+    import asyncio
+    import time
+
+    async with TypedProducer(settings=s) as prod:
+        for r in reqs:
+            await prod.send(s.requests_topic, r, key=r.request_id)
+    end = time.monotonic() + 60
+    while disp.stats.assigned < assigned or disp.stats.rejected < rejected:
+        assert time.monotonic() < end, (disp.stats.assigned, disp.stats.rejected)
+        await asyncio.sleep(0.1)
+
+
+def _after(k: int) -> AgentRequest:
+    import time
+
+    return AgentRequest(request_id=f"after-{k}", input_tokens=100, max_tokens=64, slo_s=30.0,
+                        arrival=time.time())
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(180)
+async def test_a_prompt_that_fills_a_record_is_served_and_recorded_without_it(
+    kafka_settings: Settings,
+) -> None:
+    """A request of about 1 MB (within the prompt's character and token limits) fits in
+    its Assignment, but its decision record, which also carries it, does not, even
+    without the views: the record goes without the prompt too (``prompt_omitted``), and
+    the request and those after it are served."""
+    import time
+
+    s = kafka_settings
+    await ensure_topics(s)
+    disp = await _dispatcher_with(s, 64)
+    big = AgentRequest(request_id="big-prompt", prompt="\u20ac" * 347_500, max_tokens=64,
+                       slo_s=30.0, arrival=time.time())
+    assert 1_040_000 < len(encode(big)) <= disp.limits.max_request_bytes
+    try:
+        await _send_and_wait(s, disp, [big, _after(0), _after(1)], assigned=3, rejected=0)
+    finally:
+        await disp.stop()
+    got = [m for m in await read_topic(s, s.decisions_topic) if isinstance(m, Decision)]
+    (rec,) = [d for d in got if d.request_id == "big-prompt"]
+    assert rec.config["views_omitted"] is True and rec.config["prompt_omitted"] is True
+    assert rec.request.prompt is None and rec.chosen is not None and rec.candidates
+    assert rec.features  # what replay and the prediction check read
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(180)
+async def test_a_request_too_large_for_its_assignment_is_refused_and_routing_goes_on(
+    kafka_settings: Settings,
+) -> None:
+    """A request over ``max_request_bytes`` would not fit in its Assignment: refused
+    (prompt_too_large: a rejected Result, and a dead letter whose copy of the payload is
+    cut to fit; the record itself stays in the requests topic), and the requests after
+    it are routed."""
+    import time
+
+    from goodserve.schemas import DeadLetter, Result
+
+    s = kafka_settings
+    await ensure_topics(s)
+    disp = await _dispatcher_with(s, 2)
+    huge = AgentRequest(request_id="huge-prompt", prompt="\u20ac" * 348_500, max_tokens=64,
+                        slo_s=30.0, arrival=time.time())
+    assert disp.limits.max_request_bytes < len(encode(huge)) < 1_048_000  # a producer takes it
+    try:
+        await _send_and_wait(s, disp, [huge, _after(0), _after(1)], assigned=2, rejected=1)
+    finally:
+        await disp.stop()
+    results = [m for m in await read_topic(s, s.results_topic) if isinstance(m, Result)]
+    (refused,) = [r for r in results if r.request_id == "huge-prompt"]
+    assert refused.status != "ok" and refused.error is not None
+    assert refused.error.code == "prompt_too_large"
+    letters = [m for m in await read_topic(s, s.dead_letters_topic)
+               if isinstance(m, DeadLetter) and m.request_id == "huge-prompt"]
+    assert len(letters) == 1 and letters[0].error_code == "prompt_too_large"
+    assert "truncated" in letters[0].reason and len(letters[0].payload) == 256 * 1024
+
+
+def test_the_request_size_limit_is_checked_where_the_size_is_known() -> None:
+    import time
+
+    from goodserve.dispatcher.validation import Limits, validate_request
+
+    from goodserve.errors import PromptTooLarge
+
+    req = AgentRequest(request_id="r", input_tokens=100, max_tokens=10, slo_s=5.0)
+    limits = Limits()
+    now = time.time()
+    assert validate_request(req, now, limits, size_bytes=limits.max_request_bytes) == 100
+    assert validate_request(req, now, limits) == 100  # size unknown: not checked
+    with pytest.raises(PromptTooLarge, match="must fit in one Kafka record"):
+        validate_request(req, now, limits, size_bytes=limits.max_request_bytes + 1)

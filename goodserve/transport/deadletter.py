@@ -11,7 +11,7 @@ import time
 import msgspec
 
 from goodserve.config import Settings
-from goodserve.errors import GoodServeError
+from goodserve.errors import GoodServeError, RecordTooLarge
 from goodserve.lifecycle import AsyncService
 from goodserve.logging import get_logger
 from goodserve.schemas import DeadLetter
@@ -62,6 +62,10 @@ def make_dead_letter(
     )
 
 
+TRUNCATED_PAYLOAD = 256 * 1024
+"""Bytes of the payload a dead letter keeps when the whole would not fit in a record."""
+
+
 class DeadLetterSink(AsyncService):
     """Produces DeadLetter records; uses a shared producer or owns one built from settings."""
 
@@ -87,10 +91,25 @@ class DeadLetterSink(AsyncService):
             await self._producer.stop()
 
     async def send(self, record: DeadLetter) -> Sent:
-        """Produce one dead letter and wait for the ack (so committing past it is safe)."""
+        """Produce one dead letter and wait for the ack (so committing past it is safe).
+
+        A dead letter carries the record's bytes (base64 in JSON: a third more), so one for
+        a record of more than about 780 KB is more than the producer takes: its copy of
+        the payload is then cut to ``TRUNCATED_PAYLOAD`` bytes, and the reason says so and
+        where the whole record is (its topic, partition and offset)."""
         if not self._producer.started:
             await self._producer.start()
-        sent = await self._producer.send(self.topic, record, key=record.topic)
+        try:
+            sent = await self._producer.send(self.topic, record, key=record.topic)
+        except RecordTooLarge:
+            record = msgspec.structs.replace(
+                record,
+                payload=record.payload[:TRUNCATED_PAYLOAD],
+                reason=f"{record.reason} (payload truncated from {len(record.payload)} to "
+                f"{TRUNCATED_PAYLOAD} bytes; the record: {record.topic} partition "
+                f"{record.partition} offset {record.offset})",
+            )
+            sent = await self._producer.send(self.topic, record, key=record.topic)
         self.count += 1
         log.warning(
             "deadletter.sent",
