@@ -137,18 +137,27 @@ async def _dispatcher_with(s: Settings, n: int) -> Any:
     return disp
 
 
-async def _send_and_wait(s: Settings, disp: Any, reqs: list[AgentRequest],
-                         assigned: int, rejected: int) -> None:
+async def _route_first_then_two(s: Settings, n_instances: int, first: AgentRequest,
+                                *, assigned: int, rejected: int) -> int:
+    """``first`` and two small requests after it through a dispatcher of ``n_instances``:
+    waits until that many are assigned and rejected; the dispatcher's request limit."""
     import asyncio
     import time
 
-    async with TypedProducer(settings=s) as prod:
-        for r in reqs:
-            await prod.send(s.requests_topic, r, key=r.request_id)
-    end = time.monotonic() + 60
-    while disp.stats.assigned < assigned or disp.stats.rejected < rejected:
-        assert time.monotonic() < end, (disp.stats.assigned, disp.stats.rejected)
-        await asyncio.sleep(0.1)
+    await ensure_topics(s)
+    disp = await _dispatcher_with(s, n_instances)
+    try:
+        async with TypedProducer(settings=s) as prod:
+            for r in [first, _after(0), _after(1)]:
+                await prod.send(s.requests_topic, r, key=r.request_id)
+        end = time.monotonic() + 60
+        while disp.stats.assigned < assigned or disp.stats.rejected < rejected:
+            assert time.monotonic() < end, (disp.stats.assigned, disp.stats.rejected)
+            await asyncio.sleep(0.1)
+    finally:
+        await disp.stop()
+    limit: int = disp.limits.max_request_bytes
+    return limit
 
 
 def _after(k: int) -> AgentRequest:
@@ -170,15 +179,10 @@ async def test_a_prompt_that_fills_a_record_is_served_and_recorded_without_it(
     import time
 
     s = kafka_settings
-    await ensure_topics(s)
-    disp = await _dispatcher_with(s, 64)
     big = AgentRequest(request_id="big-prompt", prompt="\u20ac" * 347_500, max_tokens=64,
                        slo_s=30.0, arrival=time.time())
-    assert 1_040_000 < len(encode(big)) <= disp.limits.max_request_bytes
-    try:
-        await _send_and_wait(s, disp, [big, _after(0), _after(1)], assigned=3, rejected=0)
-    finally:
-        await disp.stop()
+    limit = await _route_first_then_two(s, 64, big, assigned=3, rejected=0)
+    assert 1_040_000 < len(encode(big)) <= limit
     got = [m for m in await read_topic(s, s.decisions_topic) if isinstance(m, Decision)]
     (rec,) = [d for d in got if d.request_id == "big-prompt"]
     assert rec.config["views_omitted"] is True and rec.config["prompt_omitted"] is True
@@ -200,15 +204,10 @@ async def test_a_request_too_large_for_its_assignment_is_refused_and_routing_goe
     from goodserve.schemas import DeadLetter, Result
 
     s = kafka_settings
-    await ensure_topics(s)
-    disp = await _dispatcher_with(s, 2)
     huge = AgentRequest(request_id="huge-prompt", prompt="\u20ac" * 348_500, max_tokens=64,
                         slo_s=30.0, arrival=time.time())
-    assert disp.limits.max_request_bytes < len(encode(huge)) < 1_048_000  # a producer takes it
-    try:
-        await _send_and_wait(s, disp, [huge, _after(0), _after(1)], assigned=2, rejected=1)
-    finally:
-        await disp.stop()
+    limit = await _route_first_then_two(s, 2, huge, assigned=2, rejected=1)
+    assert limit < len(encode(huge)) < 1_048_000  # a producer takes it
     results = [m for m in await read_topic(s, s.results_topic) if isinstance(m, Result)]
     (refused,) = [r for r in results if r.request_id == "huge-prompt"]
     assert refused.status != "ok" and refused.error is not None
