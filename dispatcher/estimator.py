@@ -902,10 +902,7 @@ class FleetEstimator:
 
     def _budget_term(self, deadline: float) -> float:
         """One request's term of the kept ``budget_load``, at the last pass's time."""
-        left = deadline - self._budget_at
-        if left <= 0.0:
-            return 0.0
-        return 1.0 / (BUDGET_FLOOR_S if BUDGET_FLOOR_S > left else left)
+        return _budget_share(deadline - self._budget_at)
 
     def _dl_remove(self, tr: TrackedRequest) -> None:
         row, last = tr.row, self._dl_rows.pop()
@@ -1242,9 +1239,8 @@ class FleetEstimator:
         for p in hb.requests:
             rid = p.request_id
             seen[rid] = p
-            left = p.deadline - t  # deadline 0.0: none
-            if left > 0.0 and rid not in tracked and rid not in ended:
-                foreign += 1.0 / (BUDGET_FLOOR_S if BUDGET_FLOOR_S > left else left)
+            if rid not in tracked and rid not in ended:
+                foreign += _budget_share(p.deadline - t)  # deadline 0.0: none, adds 0
         for tr in info.requests.values():
             p = seen.get(tr.request_id)
             if p is not None:
@@ -1456,6 +1452,14 @@ def _view(info: InstanceInfo, vals: list[float]) -> InstanceView:
         finish_err=err,
         budget_load=budget,
     )
+
+
+def _budget_share(left: float) -> float:
+    """A request's term of ``budget_load`` with ``left`` seconds to its deadline: 1 / left,
+    at most 1 / ``BUDGET_FLOOR_S``; 0 once the deadline has passed."""
+    if left <= 0.0:
+        return 0.0
+    return 1.0 / (BUDGET_FLOOR_S if BUDGET_FLOOR_S > left else left)
 
 
 def _clip(ratio: float, lo: float = 0.05, hi: float = 20.0) -> float:

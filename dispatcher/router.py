@@ -365,11 +365,8 @@ class Router:
         seed = self.decision_seed(req.request_id)
         picker_state = self.policy.state()
         every = self.views_every
-        views = (
-            self.est.views(now)
-            if self.record_views and every and (every == 1 or self.counter % every == 0)
-            else None
-        )
+        take_views = self.record_views and every and self.counter % every == 0
+        views = self.est.views(now) if take_views else None
         # positional, in the order of RouteContext's fields (half the cost of keywords)
         ctx = RouteContext(
             self.est,

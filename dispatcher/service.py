@@ -733,29 +733,22 @@ class DispatcherService(AsyncService):
         """
         assert self._producer is not None
         topic, key = self.settings.decisions_topic, record.request_id
-        try:
-            return await self._producer.send_nowait(topic, record, key=key)
-        except RecordTooLarge as e:
-            self.stats.decisions_too_large += 1
-            if self.stats.decisions_too_large % 1000 == 1:  # the first, then one in 1,000
-                log.warning("dispatcher.decision_too_large", error=str(e),
-                            instances=len(record.instances),
-                            count=self.stats.decisions_too_large,
-                            hint="--decision-views-every N records the views in one of N")
-        config = {**record.config, "views_omitted": True}
-        record = msgspec.structs.replace(record, instances=[], config=config)
-        try:
-            return await self._producer.send_nowait(topic, record, key=key)
-        except RecordTooLarge:
-            pass
-        config = {**config, "prompt_omitted": True}
-        req = msgspec.structs.replace(record.request, prompt=None, prompt_token_ids=None)
-        record = msgspec.structs.replace(record, request=req, config=config)
-        try:
-            return await self._producer.send_nowait(topic, record, key=key)
-        except RecordTooLarge as e:
-            log.error("dispatcher.decision_not_recorded", error=str(e))
-            return None
+        for smaller in (None, _without_views, _without_prompt):
+            if smaller is not None:
+                record = smaller(record)
+            try:
+                return await self._producer.send_nowait(topic, record, key=key)
+            except RecordTooLarge as e:
+                error = e
+                if smaller is None:
+                    self.stats.decisions_too_large += 1
+                    if self.stats.decisions_too_large % 1000 == 1:  # the first, then 1 in 1,000
+                        log.warning("dispatcher.decision_too_large", error=str(e),
+                                    instances=len(record.instances),
+                                    count=self.stats.decisions_too_large,
+                                    hint="--decision-views-every N records the views in one of N")
+        log.error("dispatcher.decision_not_recorded", error=str(error))
+        return None
 
     def block_hashes(self, req: AgentRequest) -> list[int] | None:
         """The prompt's chained KV-block hashes for the prefix index (token ids, else text,
@@ -1470,6 +1463,20 @@ class DispatcherService(AsyncService):
             from_checkpoint=ck is not None,
             resumed_tokens=len(ck.generated_token_ids) if ck is not None else 0,
         )
+
+
+def _without_views(record: Decision) -> Decision:
+    """A decision record without the instances' views (``views_omitted``)."""
+    config = {**record.config, "views_omitted": True}
+    return msgspec.structs.replace(record, instances=[], config=config)
+
+
+def _without_prompt(record: Decision) -> Decision:
+    """A decision record without the request's prompt (``prompt_omitted``; replay reads the
+    recorded features, not the prompt)."""
+    req = msgspec.structs.replace(record.request, prompt=None, prompt_token_ids=None)
+    config = {**record.config, "prompt_omitted": True}
+    return msgspec.structs.replace(record, request=req, config=config)
 
 
 async def _ranges_since(

@@ -8,7 +8,12 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from goodserve.dispatcher.estimator import FleetEstimator
-from goodserve.dispatcher.policies.base import RouteContext, as_scores, make_scorer
+from goodserve.dispatcher.policies.base import (
+    CandidateCosts,
+    RouteContext,
+    make_scorer,
+    normalize_candidates,
+)
 from goodserve.dispatcher.policies.registry import (
     BASELINES,
     GOODSERVE_CONFIG,
@@ -29,6 +34,15 @@ from goodserve.schemas import (
 
 from goodserve.sim.oracle import OraclePrediction
 from goodserve.testing.snapshots import beat, fleet, progress_of
+
+
+def as_scores(said: np.ndarray | CandidateCosts | None, mask: np.ndarray) -> np.ndarray:
+    """A scorer's answer as its [0, 1] score per instance (zeros where it said nothing)."""
+    if said is None:
+        return np.zeros(mask.shape)
+    if isinstance(said, CandidateCosts):
+        return normalize_candidates(said.cand, mask)
+    return said
 
 
 class FixedPredictor:

@@ -212,15 +212,6 @@ class DeferredScores:
         return self._vector
 
 
-def as_scores(said: np.ndarray | CandidateCosts | None, mask: np.ndarray) -> np.ndarray:
-    """A scorer's answer as its [0, 1] score per instance (zeros where it said nothing)."""
-    if said is None:
-        return np.zeros(mask.shape)
-    if isinstance(said, CandidateCosts):
-        return normalize_candidates(said.cand, mask)
-    return said
-
-
 def score_vector(scores: np.ndarray | DeferredScores) -> np.ndarray:
     """The score per instance of what ``Policy.select`` returns."""
     return scores if isinstance(scores, np.ndarray) else scores.vector()
@@ -488,17 +479,11 @@ class Policy:
                 slot, fmask, fscores, how = self.fallback.select(ctx)
                 return slot, fmask, fscores, f"{self.name}: {emptied} left none; {how}"
             return None, mask, np.zeros(ctx.n), f"{self.name}: rejected, {emptied} left none"
-        said: list[tuple[np.ndarray | CandidateCosts, float]] = []
-        for scorer, w in self.scorers:
-            s = scorer(ctx, mask)
-            if s is not None:
-                said.append((s, w))
-        if len(said) == 1 and self._pick_lowest is not None:
-            s, w = said[0]
-            if type(s) is CandidateCosts and w > 0.0:
-                # one scorer spoke: the best score is its lowest cost, whatever the weight
-                slot = self._pick_lowest(ctx, s, mask)
-                return slot, mask, DeferredScores(s, mask, w), self._how
+        said = self._speak(ctx, mask)
+        if self._pick_lowest is not None and (lone := self._lone_costs(said)) is not None:
+            # one scorer spoke: the best score is its lowest cost, whatever the weight
+            slot = self._pick_lowest(ctx, lone, mask)
+            return slot, mask, DeferredScores(lone, mask, said[0][1]), self._how
         scores: np.ndarray | None = None
         for said_s, w in said:
             s = (
@@ -513,6 +498,27 @@ class Policy:
         slot = self.picker.pick(ctx, scores, mask)
         return slot, mask, scores, self._how
 
+    def _speak(
+        self, ctx: RouteContext, mask: np.ndarray
+    ) -> list[tuple[np.ndarray | CandidateCosts, float]]:
+        """What the scorers say on ``mask``, with their weights (those saying None left out)."""
+        said = []
+        for scorer, w in self.scorers:
+            s = scorer(ctx, mask)
+            if s is not None:
+                said.append((s, w))
+        return said
+
+    @staticmethod
+    def _lone_costs(said: list[tuple[np.ndarray | CandidateCosts, float]]) -> CandidateCosts | None:
+        """The costs of the one scorer that spoke, where they alone decide the max-score
+        pick (a positive weight); else None."""
+        if len(said) == 1:
+            s, w = said[0]
+            if type(s) is CandidateCosts and w > 0.0:
+                return s
+        return None
+
     def _checked_pick(self, ctx: RouteContext, mask: np.ndarray) -> int | None:
         """The pick of the whole chain, made before its last filters (``self._checks``) have
         masked the fleet: None where it cannot be told that way (the chain then runs).
@@ -526,16 +532,10 @@ class Policy:
         finite (every candidate scores 1) is left to the chain. Most decisions of a loaded
         fleet pick the first (``docs/routing.md``).
         """
-        said: tuple[np.ndarray | CandidateCosts, float] | None = None
-        for scorer, w in self.scorers:
-            s = scorer(ctx, mask)
-            if s is not None:
-                if said is not None:
-                    return None  # two scorers speak: the score vector decides
-                said = (s, w)
-        if said is None or type(said[0]) is not CandidateCosts or not said[1] > 0.0:
-            return None
-        cand, slots = said[0].cand, said[0].slots
+        costs = self._lone_costs(self._speak(ctx, mask))
+        if costs is None:
+            return None  # none or several scorers speak: the score vector decides
+        cand, slots = costs.cand, costs.slots
         if cand.size == 0:
             return None
         j = int(cand.argmin())
