@@ -1385,17 +1385,17 @@ class DispatcherService(AsyncService):
             predicted_output_tokens=a.predicted_output_tokens,
             predicted_output_p90=a.predicted_output_p90,
             attempt=a.attempt + 1,
-            resume=ck,
+            resume=ck.for_assignment() if ck is not None else None,
         )
         await self._ensure_instance_topic(target)
-        await self._producer.send(self.settings.instance_topic(target), new, key=rid)
+        new = await self._send_resuming(new)
         del self.orphans[rid]
         self.assignments[rid] = new
         tr = self.est.requests.get(rid)
         if (
             tr is None or self.est.infos[tr.slot].instance_id != target
         ) and target in self.est.index:
-            generated = len(ck.generated_token_ids) if ck is not None else 0
+            generated = len(new.resume.generated_token_ids) if new.resume is not None else 0
             self.est.on_assign(
                 target,
                 request_id=rid,
@@ -1412,8 +1412,25 @@ class DispatcherService(AsyncService):
             instance_id=target,
             handover=True,
             from_checkpoint=ck is not None,
-            resumed_tokens=len(ck.generated_token_ids) if ck is not None else 0,
+            resumed_tokens=len(new.resume.generated_token_ids) if new.resume is not None else 0,
         )
+
+    async def _send_resuming(self, a: Assignment) -> Assignment:
+        """Produce a reissued Assignment; one whose checkpoint makes it too large for a
+        record goes without the checkpoint's progress (the instance restarts the request
+        from its prompt). Returns what was sent."""
+        assert self._producer is not None
+        topic, rid = self.settings.instance_topic(a.instance_id), a.request.request_id
+        try:
+            await self._producer.send(topic, a, key=rid)
+        except RecordTooLarge as e:
+            if a.resume is None or a.resume.progress_dropped:
+                raise
+            log.warning("dispatcher.resume_too_large", request_id=rid, error=str(e),
+                        generated=len(a.resume.generated_token_ids))
+            a = msgspec.structs.replace(a, resume=a.resume.without_progress())
+            await self._producer.send(topic, a, key=rid)
+        return a
 
     async def _reissue(
         self, rid: str, req: AgentRequest, ck: Checkpoint | None, a: Assignment | None, now: float
@@ -1444,10 +1461,10 @@ class DispatcherService(AsyncService):
             predicted_output_tokens=int(out.p50),
             predicted_output_p90=int(out.p90),
             attempt=(a.attempt if a is not None else 0) + 1,
-            resume=ck,
+            resume=ck.for_assignment() if ck is not None else None,
         )
         await self._ensure_instance_topic(out.instance_id)
-        await self._producer.send(self.settings.instance_topic(out.instance_id), new, key=rid)
+        new = await self._send_resuming(new)
         sent = await self._send_decision(out.record(top_k=32))
         if sent is not None:
             await sent
@@ -1461,7 +1478,7 @@ class DispatcherService(AsyncService):
             request_id=rid,
             instance_id=out.instance_id,
             from_checkpoint=ck is not None,
-            resumed_tokens=len(ck.generated_token_ids) if ck is not None else 0,
+            resumed_tokens=len(new.resume.generated_token_ids) if new.resume is not None else 0,
         )
 
 

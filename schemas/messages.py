@@ -87,6 +87,31 @@ class Checkpoint(Message, tag="checkpoint", kw_only=True):
     dispatched_at: float | None = None
     created_at: float = 0.0
     migrations: int = 0
+    progress_dropped: bool = False
+    """The generated tokens and KV were dropped (``without_progress``): the request restarts
+    from its prompt."""
+
+    def without_progress(self) -> Checkpoint:
+        """This checkpoint without its generated tokens and KV, for when a record carrying
+        them would pass the broker's size limit: a restart from the prompt, not a loss."""
+        return msgspec.structs.replace(
+            self,
+            generated_token_ids=[],
+            generated_text="",
+            kv_ref=None,
+            kv_tokens=0,
+            first_token_at=None,
+            progress_dropped=True,
+        )
+
+    def for_assignment(self) -> Checkpoint:
+        """This checkpoint as an Assignment's ``resume`` carries it: its ``request`` without
+        the prompt, which the Assignment's own ``request`` holds (twice, a long prompt would
+        make the resuming record pass the size limit when the first one did not)."""
+        if self.request.prompt is None and self.request.prompt_token_ids is None:
+            return self
+        slim = msgspec.structs.replace(self.request, prompt=None, prompt_token_ids=None)
+        return msgspec.structs.replace(self, request=slim)
 
 
 class Assignment(Message, tag="assignment", kw_only=True):
@@ -101,7 +126,8 @@ class Assignment(Message, tag="assignment", kw_only=True):
     predicted_output_p90: int = 0
     attempt: int = 0
     resume: Checkpoint | None = None
-    """Set when this assignment resumes a migrated or reissued request."""
+    """Set when this assignment resumes a migrated or reissued request. Its ``request`` has
+    no prompt (``Checkpoint.for_assignment``): run this Assignment's ``request``."""
 
 
 class Candidate(msgspec.Struct, kw_only=True, array_like=False):

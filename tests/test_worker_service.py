@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Any
 
+import msgspec
 import pytest
 from goodserve.schemas import (
     AgentRequest,
@@ -264,6 +265,99 @@ async def test_migration_moves_request_to_target(kafka_settings: Settings) -> No
             # a command for a request that is not running here is ignored
             await prod.send(s.instance_topic("src"), cmd, key="r-m")
             assert len(await results.quiet(0.5)) == 1
+    finally:
+        await prod.stop()
+
+
+RECORD_LIMIT = 1_048_576  # aiokafka's max_request_size, which TypedProducer keeps
+
+
+def _long_prompt_assignment(iid: str, rid: str, *, out: int, spare: int) -> Assignment:
+    """An Assignment whose prompt fills a record but for ``spare`` bytes."""
+    a = assignment(iid, rid, out=out, max_tokens=4096)
+    room = RECORD_LIMIT - len(encode(a)) - len(rid) - 100 - spare
+    req = msgspec.structs.replace(a.request, prompt="p" * room)
+    return msgspec.structs.replace(a, request=req)
+
+
+async def _migrate_when(
+    prod: TypedProducer, s: Settings, hbs: Tap, rid: str, *, generated: int
+) -> None:
+    await hbs.until(
+        lambda seen: any(
+            p.request_id == rid and p.generated > generated
+            for h in seen
+            if h.instance_id == "src"
+            for p in h.requests
+        )
+    )
+    cmd = MigrationCommand(
+        migration_id=f"m-{rid}", request_id=rid, source="src", target="dst", at=time.time()
+    )
+    await prod.send(s.instance_topic("src"), cmd, key=rid)
+
+
+async def test_a_long_prompt_migrates_with_its_progress(kafka_settings: Settings) -> None:
+    """A 600 KB prompt: its resuming Assignment carried the request twice (in the
+    Assignment and in its checkpoint), 1.2 MB, which the producer refused: the request,
+    stopped at the source, never reached the target. The checkpoint in an Assignment
+    carries no prompt now."""
+    s = kafka_settings
+    prod = await prepare(s)
+    try:
+        async with (
+            worker(s, "src", gpu="V100", scale=0.05) as src,
+            worker(s, "dst", gpu="H100", scale=0.02) as dst,
+            Tap(s, s.results_topic) as results,
+            Tap(s, s.heartbeats_topic) as hbs,
+            Tap(s, s.instance_topic("dst")) as to_dst,
+        ):
+            a = _long_prompt_assignment("src", "r-long", out=3000, spare=450_000)
+            assert 2 * len(a.request.prompt or "") > RECORD_LIMIT
+            await prod.send(s.instance_topic("src"), a, key="r-long")
+            await _migrate_when(prod, s, hbs, "r-long", generated=20)
+            got = await results.until(lambda seen: len(seen) >= 1, within_s=30.0)
+            r: Result = got[0]
+            assert r.status == "ok" and r.instance_id == "dst" and r.migrations == 1
+            assert r.output_token_ids == [synthetic_token_id("r-long", i) for i in range(3000)]
+            sent = [m for m in await to_dst.until(lambda seen: len(seen) >= 1)
+                    if isinstance(m, Assignment)]
+            assert sent[0].request.prompt == a.request.prompt  # the one to run
+            ck = sent[0].resume
+            assert ck is not None and ck.request.prompt is None and not ck.progress_dropped
+            assert len(ck.generated_token_ids) > 20  # resumed, not restarted
+            assert src.migrated_out == 1 and dst.results_produced == 1
+    finally:
+        await prod.stop()
+
+
+async def test_a_checkpoint_too_large_for_a_record_restarts_at_the_target(
+    kafka_settings: Settings,
+) -> None:
+    """A prompt that fills its record but for 2.5 KB, checkpointed after more than 1,000
+    tokens (about 5.5 bytes each): the checkpoint with them would pass the limit, so it
+    goes without them and the target restarts the request from its prompt. Before, the
+    refused send left the request stopped at the source with no Result anywhere."""
+    s = kafka_settings
+    prod = await prepare(s)
+    try:
+        async with (
+            worker(s, "src", gpu="V100", scale=0.05) as src,
+            worker(s, "dst", gpu="H100", scale=0.02),
+            Tap(s, s.results_topic) as results,
+            Tap(s, s.heartbeats_topic) as hbs,
+            Tap(s, s.checkpoints_topic) as ckpts,
+        ):
+            a = _long_prompt_assignment("src", "r-full", out=3000, spare=2_500)
+            await prod.send(s.instance_topic("src"), a, key="r-full")
+            await _migrate_when(prod, s, hbs, "r-full", generated=1000)
+            got = await results.until(lambda seen: len(seen) >= 1, within_s=30.0)
+            r: Result = got[0]
+            assert r.status == "ok" and r.instance_id == "dst" and r.migrations == 1
+            assert r.output_token_ids == [synthetic_token_id("r-full", i) for i in range(3000)]
+            c: Checkpoint = (await ckpts.until(lambda seen: len(seen) >= 1))[0]
+            assert c.progress_dropped and c.generated_token_ids == []
+            assert src.migrated_out == 1
     finally:
         await prod.stop()
 

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+import msgspec
 from goodserve.schemas import (
     AbortCommand,
     AgentRequest,
@@ -61,6 +62,7 @@ from goodserve.errors import (
     EngineError,
     GoodServeError,
     MalformedMessage,
+    RecordTooLarge,
     UnknownInstance,
 )
 from goodserve.lifecycle import AsyncService
@@ -751,10 +753,18 @@ class WorkerService(AsyncService):
             predicted_output_tokens=a.predicted_output_tokens,
             predicted_output_p90=a.predicted_output_p90,
             attempt=a.attempt + 1,
-            resume=ckpt,
+            resume=ckpt.for_assignment(),
         )
         assert self._producer is not None
-        await self._send_retrying(target_topic, resume, key=m.request_id)
+        try:
+            await self._send_retrying(target_topic, resume, key=m.request_id)
+        except RecordTooLarge as e:  # the target restarts it from the prompt
+            log.warning("worker.resume_too_large", migration_id=m.migration_id, error=str(e),
+                        generated=len(ckpt.generated_token_ids))
+            resume = msgspec.structs.replace(
+                resume, resume=ckpt.without_progress().for_assignment()
+            )
+            await self._send_retrying(target_topic, resume, key=m.request_id)
         failpoint("worker.migration.resumed")
         self.migrated_out += 1
         await self._settle(tr.env)
@@ -796,7 +806,13 @@ class WorkerService(AsyncService):
             migrations=prior + 1,
         )
         assert self._producer is not None
-        await self._send_retrying(self.settings.checkpoints_topic, ckpt, key=rid)
+        try:
+            await self._send_retrying(self.settings.checkpoints_topic, ckpt, key=rid)
+        except RecordTooLarge as e:  # a long prompt and a long output: restart, not a loss
+            log.warning("worker.checkpoint_too_large", migration_id=migration_id, error=str(e),
+                        generated=len(ckpt.generated_token_ids))
+            ckpt = ckpt.without_progress()
+            await self._send_retrying(self.settings.checkpoints_topic, ckpt, key=rid)
         self.metrics.checkpoints.inc()
         return ckpt
 

@@ -1,0 +1,108 @@
+"""A request with a long prompt handed back by a draining worker is resumed elsewhere by the
+dispatcher, on real Kafka with simulated engines.
+
+The resuming Assignment used to carry the request twice (its own and its checkpoint's): a
+600 KB prompt, admitted and placed in a 600 KB record, made a 1.2 MB one that the producer
+refused, so the request stopped at the draining worker and was never resumed.
+"""
+
+from __future__ import annotations
+
+import pytest
+from goodserve.dispatcher.predictor.model import ConstantPredictor
+from goodserve.dispatcher.service import DispatcherService
+from goodserve.schemas import AgentRequest, Assignment, encode
+from goodserve.workers.engines.simulated import SimulatedEngine, synthetic_token_id
+from goodserve.workers.service import WorkerService
+from live_helpers import collect_results, read_all, usable, wait_for
+
+from goodserve.chaos.load import CountingClient
+from goodserve.config import Settings
+from goodserve.sim.fleet import Fleet, FleetInstance
+from goodserve.transport import ensure_topics, instance_topic_spec
+from goodserve.transport.topics import standard_topics
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
+
+FLEET = Fleet(instances=[FleetInstance(id="src", gpu="H100"), FleetInstance(id="dst", gpu="A100")])
+OUTPUT = 400
+
+
+def _worker(s: Settings, iid: str, gpu: str) -> WorkerService:
+    return WorkerService(settings=s, instance_id=iid, gpu=gpu, model="llama-2-7b",
+                         engine=SimulatedEngine(instance_id=iid, gpu=gpu), heartbeat_period_s=0.2)
+
+
+async def test_a_long_prompt_handed_back_by_a_draining_worker_is_resumed(
+    kafka_settings: Settings,
+) -> None:
+    s = kafka_settings
+    await ensure_topics(s, [*standard_topics(s), *(instance_topic_spec(s, i.id)
+                                                   for i in FLEET.instances)])
+    req = AgentRequest(request_id="long-1", prompt="q" * 600_000, input_tokens=200,
+                       max_tokens=OUTPUT, slo_s=120.0,
+                       metadata={"sim_output_tokens": str(OUTPUT)})
+    assert 2 * len(encode(req)) > 1_048_576  # twice in one record: over the limit
+    src, dst = _worker(s, "src", "H100"), _worker(s, "dst", "A100")
+    d = DispatcherService(settings=s, policy="fastest-gpu", fleet=FLEET, monitor=False,
+                          predictor=ConstantPredictor(float(OUTPUT), float(OUTPUT)),
+                          default_slo_s=120.0)
+    client = CountingClient(settings=s)
+    try:
+        await src.start()
+        await dst.start()
+        await d.start()
+        await client.start()
+        await wait_for(lambda: usable(d, "src") and usable(d, "dst"), "both workers alive", 60)
+        await client.submit(req)
+        await wait_for(lambda: (tr := d.est.requests.get("long-1")) is not None
+                       and tr.generated >= 40, "the request to run on src")
+        assert d.assignments["long-1"].instance_id == "src"
+        await src.stop(drain_timeout_s=0.0)  # checkpointed and handed back to the dispatcher
+        got = await collect_results(client, ["long-1"], 60.0)
+        r = got["long-1"]
+        assert r.status == "ok" and r.instance_id == "dst" and r.migrations == 1
+        assert r.output_token_ids == [synthetic_token_id("long-1", p) for p in range(OUTPUT)]
+        resumed = [a for a in await read_all(s, s.instance_topic("dst"), Assignment)
+                   if a.request.request_id == "long-1"]
+        assert len(resumed) == 1 and resumed[0].request.prompt == req.prompt
+        ck = resumed[0].resume
+        assert ck is not None and ck.request.prompt is None and not ck.progress_dropped
+        assert len(ck.generated_token_ids) >= 40  # resumed, not restarted
+        assert d.stats.reissued == 1
+    finally:
+        await client.stop()
+        await d.stop()
+        await dst.stop(drain_timeout_s=0.0)
+        await src.stop(drain_timeout_s=0.0)
+
+
+async def test_a_resuming_assignment_too_large_for_a_record_goes_without_the_progress(
+    kafka_settings: Settings,
+) -> None:
+    """A 900 KB prompt resumed with 40,000 generated tokens (about 240 KB of ids): the
+    dispatcher's resuming Assignment would pass the limit, so it goes without the
+    checkpoint's progress and the instance restarts the request from its prompt."""
+    import time
+
+    from goodserve.schemas import Checkpoint
+
+    s = kafka_settings
+    await ensure_topics(s, [*standard_topics(s), *(instance_topic_spec(s, i.id)
+                                                   for i in FLEET.instances)])
+    req = AgentRequest(request_id="long-2", prompt="q" * 900_000, input_tokens=200,
+                       max_tokens=50_000, slo_s=120.0)
+    ck = Checkpoint(request_id="long-2", migration_id="m-2", source="src", request=req,
+                    generated_token_ids=[31_999 - k % 7 for k in range(40_000)], migrations=1)
+    now = time.time()
+    a = Assignment(request=req, instance_id="dst", decision_id="d-2", dispatched_at=now,
+                   deadline=now + 120.0, attempt=1, resume=ck.for_assignment())
+    assert len(encode(a)) > 1_048_576 > len(encode(req)) + 1_000
+    async with DispatcherService(settings=s, policy="fastest-gpu", fleet=FLEET, monitor=False,
+                                 predictor=ConstantPredictor(100.0, 100.0)) as d:
+        sent = await d._send_resuming(a)
+    assert sent.resume is not None and sent.resume.progress_dropped
+    got = await read_all(s, s.instance_topic("dst"), Assignment)
+    assert len(got) == 1 and got[0].request.prompt == req.prompt
+    assert got[0].resume is not None and got[0].resume.generated_token_ids == []
+    assert got[0].resume.progress_dropped and got[0].resume.migrations == 1
