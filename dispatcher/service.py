@@ -38,7 +38,12 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.policies.registry import make_policy
 from goodserve.dispatcher.router import Predicted, Router, input_tokens_of, to_predictor_input
-from goodserve.dispatcher.validation import Limits, SeenRequests, validate_request
+from goodserve.dispatcher.validation import (
+    ASSIGNMENT_ROOM_BYTES,
+    Limits,
+    SeenRequests,
+    validate_request,
+)
 from goodserve.monitor.risk import MonitorConfig, RiskMonitor
 from goodserve.schemas import (
     AgentRequest,
@@ -221,7 +226,13 @@ class DispatcherService(AsyncService):
         self.settings = settings
         self.group_id = group_id
         self.replica_id = uuid.uuid4().hex[:8]
-        self.limits = limits or Limits()
+        self.limits = limits or Limits.for_records(settings.max_record_bytes)
+        room = settings.max_record_bytes - ASSIGNMENT_ROOM_BYTES
+        if self.limits.max_request_bytes > room:
+            raise ConfigError(
+                f"limits.max_request_bytes ({self.limits.max_request_bytes}) leaves no room for "
+                f"the Assignment in a record of max_record_bytes ({settings.max_record_bytes})"
+            )
         self.default_slo_s = default_slo_s
         self.max_held = max_held
         self.drain_timeout_s = drain_timeout_s

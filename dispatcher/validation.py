@@ -20,6 +20,9 @@ from goodserve.errors import (
 )
 from goodserve.recent_ids import RecentIds
 
+ASSIGNMENT_ROOM_BYTES = 4_096
+"""What an Assignment adds to the request it carries, at most (ids, times, predictions)."""
+
 
 @dataclass(slots=True)
 class Limits:
@@ -29,10 +32,15 @@ class Limits:
     max_slo_s: float = 86400.0
     clock_skew_s: float = 1.0
     """Deadlines this far in the past are still accepted (and then likely missed)."""
-    max_request_bytes: int = 1_044_480
+    max_request_bytes: int = 1_048_576 - ASSIGNMENT_ROOM_BYTES
     """The request's encoded size: the Assignment that carries it to the worker must fit
-    in one Kafka record, and the producer takes at most 1 MiB (aiokafka's
-    ``max_request_size``); 4 KiB are left for the rest of the Assignment."""
+    in one Kafka record (``Settings.max_record_bytes``, 1 MiB by default); 4 KiB are left
+    for the rest of the Assignment. ``for_records`` sets it from the record limit."""
+
+    @classmethod
+    def for_records(cls, max_record_bytes: int) -> Limits:
+        """The default limits, for records of at most ``max_record_bytes``."""
+        return cls(max_request_bytes=max_record_bytes - ASSIGNMENT_ROOM_BYTES)
 
 
 def validate_request(req: AgentRequest, now: float, limits: Limits,

@@ -19,6 +19,13 @@ ENV_PREFIX = "GOODSERVE_"
 SECRET_FIELDS = frozenset({"sasl_password"})
 
 
+DEFAULT_MAX_RECORD_BYTES = 1_048_576
+"""aiokafka's ``max_request_size`` and about Kafka's ``message.max.bytes`` (1,048,588)."""
+MIN_RECORD_BYTES = 65_536
+RECORD_OVERHEAD_BYTES = 4_096
+"""Room for a record batch's framing above ``max_record_bytes`` (the topics' limit)."""
+
+
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """Connection and topic settings shared by dispatcher, workers, monitor, gateway, client."""
 
@@ -45,12 +52,22 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     heartbeat_interval_ms: int = 3000
     log_payloads: bool = False
     """Log prompt and output text. Off by default: prompts are user data."""
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    """The largest record GoodServe produces (a request's Assignment carries its prompt):
+    the producers' ``max_request_size`` and, above Kafka's default (1 MiB), the
+    ``max.message.bytes`` of the topics GoodServe creates; topics that already exist keep
+    theirs (``kafka-configs --alter``). Consumers need nothing: Kafka returns a record
+    batch larger than the fetch size when it comes first."""
 
     def __post_init__(self) -> None:
         if not self.bootstrap_servers.strip():
             raise ConfigError("bootstrap_servers must not be empty")
         if self.partitions < 1:
             raise ConfigError(f"partitions must be >= 1, got {self.partitions}")
+        if self.max_record_bytes < MIN_RECORD_BYTES:
+            raise ConfigError(
+                f"max_record_bytes must be >= {MIN_RECORD_BYTES}, got {self.max_record_bytes}"
+            )
         if self.replication_factor < 1:
             raise ConfigError(f"replication_factor must be >= 1, got {self.replication_factor}")
         if self.security_protocol.startswith("SASL") and not (
@@ -96,6 +113,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         g.add_argument("--ssl-cafile")
         g.add_argument("--ssl-certfile")
         g.add_argument("--ssl-keyfile")
+        g.add_argument(
+            "--max-record-bytes",
+            type=int,
+            help="largest record produced (default 1 MiB, Kafka's); raise it for long prompts",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> Settings:

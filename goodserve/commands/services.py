@@ -60,11 +60,12 @@ def run_dispatcher(args: argparse.Namespace) -> int:
             overrides[k] = v
     from goodserve.dispatcher.validation import Limits
 
-    limits = Limits()
+    settings = Settings.from_args(args)
+    limits = Limits.for_records(settings.max_record_bytes)
     if args.max_prompt_chars is not None:
         limits.max_prompt_chars = args.max_prompt_chars
     svc = DispatcherService(
-        settings=Settings.from_args(args), limits=limits, stale_after_s=args.stale_after_s,
+        settings=settings, limits=limits, stale_after_s=args.stale_after_s,
         policy=args.policy, policy_overrides=overrides,
         fleet=load_fleet(args.fleet) if args.fleet else None, group_id=args.group_id,
         monitor=not args.no_monitor, default_slo_s=args.default_slo_s,

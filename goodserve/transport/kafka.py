@@ -75,6 +75,8 @@ def kafka_client_kwargs(
         "request_timeout_ms": settings.request_timeout_ms,
         "security_protocol": settings.security_protocol,
     }
+    if role == "producer":
+        kw["max_request_size"] = settings.max_record_bytes
     ctx = ssl_context(settings)
     if ctx is not None:
         kw["ssl_context"] = ctx

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from goodserve.config import Settings
+from goodserve.config import DEFAULT_MAX_RECORD_BYTES, RECORD_OVERHEAD_BYTES, Settings
 from goodserve.errors import ConfigError, TransportError
 from goodserve.logging import get_logger
 
@@ -24,6 +24,14 @@ class TopicSpec:
     name: str
     partitions: int
     configs: Mapping[str, str] = field(default_factory=dict)
+
+
+def record_size_configs(settings: Settings) -> dict[str, str]:
+    """Topic configs for ``settings.max_record_bytes`` above Kafka's default: the broker
+    would refuse the records otherwise (``MessageSizeTooLarge``)."""
+    if settings.max_record_bytes <= DEFAULT_MAX_RECORD_BYTES:
+        return {}
+    return {"max.message.bytes": str(settings.max_record_bytes + RECORD_OVERHEAD_BYTES)}
 
 
 def standard_topics(settings: Settings) -> list[TopicSpec]:
@@ -59,7 +67,8 @@ async def ensure_topics(
     """Create the topics that do not exist yet; return the names created.
 
     ``names=None`` means ``standard_topics(settings)``. Plain names get ``partitions``
-    (default ``settings.partitions``). Existing topics are left as they are.
+    (default ``settings.partitions``). Existing topics are left as they are. New ones get
+    ``record_size_configs(settings)`` under their own configs.
     """
     specs = [
         s if isinstance(s, TopicSpec) else TopicSpec(s, partitions or settings.partitions)
@@ -83,7 +92,7 @@ async def ensure_topics(
                 name=s.name,
                 num_partitions=s.partitions,
                 replication_factor=settings.replication_factor,
-                topic_configs=dict(s.configs),
+                topic_configs={**record_size_configs(settings), **s.configs},
             )
             for s in todo
         ]
