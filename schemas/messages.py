@@ -294,6 +294,9 @@ class Result(Message, tag="result", kw_only=True):
     predicted_output_tokens: int | None = None
     migrations: int = 0
     error: ErrorInfo | None = None
+    output_token_ids_omitted: bool = False
+    """The ids were left out: with them the record would pass the size limit (``text``
+    holds the output)."""
 
 
 class MigrationCommand(Message, tag="migration", kw_only=True):

@@ -362,6 +362,47 @@ async def test_a_checkpoint_too_large_for_a_record_restarts_at_the_target(
         await prod.stop()
 
 
+def test_a_result_too_large_loses_its_ids_then_says_why() -> None:
+    from goodserve.workers.service import smaller_result
+
+    from goodserve.errors import RecordTooLarge
+
+    e = RecordTooLarge("too large")
+    res = Result(request_id="r", status="ok", output_token_ids=[1, 2, 3], text="a b c",
+                 output_tokens=3, met_deadline=True)
+    first = smaller_result(res, e, 65_536)
+    assert first is not None and first.output_token_ids_omitted
+    assert first.output_token_ids == [] and first.text == "a b c" and first.status == "ok"
+    ids_only = msgspec.structs.replace(res, text="")  # the ids are the output: never ok empty
+    for r in (first, ids_only):
+        err = smaller_result(r, e, 65_536)
+        assert err is not None and err.status == "error" and err.error is not None
+        assert err.error.code == "record_too_large"
+        assert "max_record_bytes 65536" in err.error.message
+        assert err.output_tokens == 3 and err.text == "" and err.met_deadline is False
+        assert smaller_result(err, e, 65_536) is None  # nothing left to take out
+
+
+async def test_a_result_over_the_record_limit_is_delivered_as_an_error(
+    kafka_settings: Settings,
+) -> None:
+    """12,000 generated token ids (about 66 KB) and records of at most 64 KiB: the Result
+    was refused by the producer and never delivered; now an error Result says why."""
+    s = kafka_settings.replace(max_record_bytes=65_536)
+    prod = await prepare(s)
+    try:
+        async with worker(s, "w1", scale=0.01), Tap(s, s.results_topic) as results:
+            await prod.send(s.instance_topic("w1"), assignment("w1", "r-big", out=12_000,
+                                                               max_tokens=12_000), key="r-big")
+            got = await results.until(lambda seen: len(seen) >= 1, within_s=60.0)
+            r: Result = got[0]
+            assert r.request_id == "r-big" and r.status == "error" and r.error is not None
+            assert r.error.code == "record_too_large" and not r.error.retriable
+            assert r.output_tokens == 12_000 and r.output_token_ids == []
+    finally:
+        await prod.stop()
+
+
 class _SlowToStop(SimulatedEngine):
     """A checkpoint that cannot stop the request before it finishes (a slowed engine's long
     step holds the token boundary): it waits for the natural end, then finds no request."""

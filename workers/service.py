@@ -124,6 +124,28 @@ def engine_request_for(assignment: Assignment, *, simulated: bool) -> EngineRequ
     )
 
 
+def smaller_result(res: Result, error: GoodServeError, limit: int) -> Result | None:
+    """``res`` made to fit a record after ``error`` (``RecordTooLarge``): first without the
+    token ids when the text holds the output, then as an error Result that says why (a
+    Result is never dropped); None when nothing is left to take out."""
+    if res.output_token_ids and res.text:
+        return msgspec.structs.replace(res, output_token_ids=[], output_token_ids_omitted=True)
+    if res.status == "error" and res.error is not None and res.error.code == error.code:
+        return None
+    message = (
+        f"the Result of {res.output_tokens} tokens is larger than a record "
+        f"(max_record_bytes {limit}): raise it on the workers and the results topics"
+    )
+    return msgspec.structs.replace(
+        res,
+        status="error",
+        output_token_ids=[],
+        text="",
+        met_deadline=False,
+        error=ErrorInfo(code=error.code, message=message, retriable=False),
+    )
+
+
 @dataclass(slots=True)
 class _Tracked:
     """A request running on this worker: what its Result and Checkpoint need."""
@@ -678,9 +700,18 @@ class WorkerService(AsyncService):
         )
         assert self._producer is not None
         self._finished.add(req.request_id)
-        await self._send_retrying(
-            req.reply_to or self.settings.results_topic, res, key=req.request_id
-        )
+        topic = req.reply_to or self.settings.results_topic
+        while True:
+            try:
+                await self._send_retrying(topic, res, key=req.request_id)
+                break
+            except RecordTooLarge as e:
+                smaller = smaller_result(res, e, self.settings.max_record_bytes)
+                if smaller is None:
+                    raise
+                log.warning("worker.result_too_large", output_tokens=out_tokens,
+                            omitted_ids=smaller.output_token_ids_omitted, error=str(e))
+                res = smaller
         self.results_produced += 1
         self.metrics.observe_result(res)
         extra = {"text": tr.text} if self.log_payloads else {}
