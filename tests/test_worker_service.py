@@ -222,6 +222,37 @@ async def test_workers_of_one_process_share_a_producer(kafka_settings: Settings)
         await prod.stop()
 
 
+RECORD_LIMIT = 1_048_576  # aiokafka's max_request_size, which TypedProducer keeps
+
+
+def _long_prompt_assignment(iid: str, rid: str, *, out: int, spare: int) -> Assignment:
+    """An Assignment whose prompt fills a record but for ``spare`` bytes."""
+    a = assignment(iid, rid, out=out, max_tokens=4096)
+    room = RECORD_LIMIT - len(encode(a)) - len(rid) - 100 - spare
+    req = msgspec.structs.replace(a.request, prompt="p" * room)
+    return msgspec.structs.replace(a, request=req)
+
+
+async def _migrate_when(
+    prod: TypedProducer, s: Settings, hbs: Tap, rid: str, *, generated: int
+) -> MigrationCommand:
+    """Once the source reports more than ``generated`` tokens of ``rid``, command its move
+    src -> dst (mid-run)."""
+    await hbs.until(
+        lambda seen: any(
+            p.request_id == rid and p.generated > generated
+            for h in seen
+            if h.instance_id == "src"
+            for p in h.requests
+        )
+    )
+    cmd = MigrationCommand(
+        migration_id=f"m-{rid}", request_id=rid, source="src", target="dst", at=time.time()
+    )
+    await prod.send(s.instance_topic("src"), cmd, key=rid)
+    return cmd
+
+
 async def test_migration_moves_request_to_target(kafka_settings: Settings) -> None:
     s = kafka_settings
     prod = await prepare(s)
@@ -235,19 +266,7 @@ async def test_migration_moves_request_to_target(kafka_settings: Settings) -> No
         ):
             a = assignment("src", "r-m", out=3000, max_tokens=4096)
             await prod.send(s.instance_topic("src"), a, key="r-m")
-            # wait until the source reports progress, then migrate mid-run
-            await hbs.until(
-                lambda seen: any(
-                    p.request_id == "r-m" and p.generated > 20
-                    for h in seen
-                    if h.instance_id == "src"
-                    for p in h.requests
-                )
-            )
-            cmd = MigrationCommand(
-                migration_id="m-1", request_id="r-m", source="src", target="dst", at=time.time()
-            )
-            await prod.send(s.instance_topic("src"), cmd, key="r-m")
+            cmd = await _migrate_when(prod, s, hbs, "r-m", generated=20)
             got = await results.until(lambda seen: len(seen) >= 1)
             got = await results.quiet(1.0)
             assert len(got) == 1
@@ -267,34 +286,6 @@ async def test_migration_moves_request_to_target(kafka_settings: Settings) -> No
             assert len(await results.quiet(0.5)) == 1
     finally:
         await prod.stop()
-
-
-RECORD_LIMIT = 1_048_576  # aiokafka's max_request_size, which TypedProducer keeps
-
-
-def _long_prompt_assignment(iid: str, rid: str, *, out: int, spare: int) -> Assignment:
-    """An Assignment whose prompt fills a record but for ``spare`` bytes."""
-    a = assignment(iid, rid, out=out, max_tokens=4096)
-    room = RECORD_LIMIT - len(encode(a)) - len(rid) - 100 - spare
-    req = msgspec.structs.replace(a.request, prompt="p" * room)
-    return msgspec.structs.replace(a, request=req)
-
-
-async def _migrate_when(
-    prod: TypedProducer, s: Settings, hbs: Tap, rid: str, *, generated: int
-) -> None:
-    await hbs.until(
-        lambda seen: any(
-            p.request_id == rid and p.generated > generated
-            for h in seen
-            if h.instance_id == "src"
-            for p in h.requests
-        )
-    )
-    cmd = MigrationCommand(
-        migration_id=f"m-{rid}", request_id=rid, source="src", target="dst", at=time.time()
-    )
-    await prod.send(s.instance_topic("src"), cmd, key=rid)
 
 
 async def test_a_long_prompt_migrates_with_its_progress(kafka_settings: Settings) -> None:
