@@ -106,11 +106,13 @@ class Checkpoint(Message, tag="checkpoint", kw_only=True):
 
     def for_assignment(self) -> Checkpoint:
         """This checkpoint as an Assignment's ``resume`` carries it: its ``request`` without
-        the prompt, which the Assignment's own ``request`` holds (twice, a long prompt would
-        make the resuming record pass the size limit when the first one did not)."""
-        if self.request.prompt is None and self.request.prompt_token_ids is None:
+        the prompt and metadata, which the Assignment's own ``request`` holds (twice, a
+        long prompt would make the resuming record pass the size limit when the first one
+        did not)."""
+        r = self.request
+        if r.prompt is None and r.prompt_token_ids is None and not r.metadata:
             return self
-        slim = msgspec.structs.replace(self.request, prompt=None, prompt_token_ids=None)
+        slim = msgspec.structs.replace(r, prompt=None, prompt_token_ids=None, metadata={})
         return msgspec.structs.replace(self, request=slim)
 
 
@@ -127,7 +129,8 @@ class Assignment(Message, tag="assignment", kw_only=True):
     attempt: int = 0
     resume: Checkpoint | None = None
     """Set when this assignment resumes a migrated or reissued request. Its ``request`` has
-    no prompt (``Checkpoint.for_assignment``): run this Assignment's ``request``."""
+    no prompt and no metadata (``Checkpoint.for_assignment``): run this Assignment's
+    ``request``."""
 
 
 class Candidate(msgspec.Struct, kw_only=True, array_like=False):
