@@ -42,6 +42,7 @@ from goodserve.dispatcher.validation import (
     ASSIGNMENT_ROOM_BYTES,
     Limits,
     SeenRequests,
+    is_topic_name,
     validate_request,
 )
 from goodserve.monitor.risk import MonitorConfig, RiskMonitor
@@ -813,9 +814,10 @@ class DispatcherService(AsyncService):
         assert self._producer is not None
         req = env.msg
         self.stats.rejected += 1
+        reply_to = req.reply_to if req.reply_to and is_topic_name(req.reply_to) else None
         deliveries.append(
             await self._producer.send_nowait(
-                req.reply_to or self.settings.results_topic,
+                reply_to or self.settings.results_topic,
                 _rejection(req, err, None),
                 key=req.request_id,
             )

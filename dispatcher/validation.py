@@ -7,6 +7,7 @@ rejected ``Result`` for the client and a ``DeadLetter`` for operators.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from goodserve.dispatcher.router import deadline_of, input_tokens_of
@@ -43,6 +44,14 @@ class Limits:
         return cls(max_request_bytes=max_record_bytes - ASSIGNMENT_ROOM_BYTES)
 
 
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def is_topic_name(name: str) -> bool:
+    """Whether Kafka accepts ``name`` as a topic: a Result sent to any other is lost."""
+    return _TOPIC_NAME.fullmatch(name) is not None and name not in (".", "..")
+
+
 def validate_request(req: AgentRequest, now: float, limits: Limits,
                      models: frozenset[str] | None = None, default_slo_s: float = 30.0,
                      size_bytes: int | None = None) -> int:
@@ -65,7 +74,12 @@ def validate_request(req: AgentRequest, now: float, limits: Limits,
     if size_bytes is not None and size_bytes > limits.max_request_bytes:
         raise PromptTooLarge(
             f"request of {size_bytes} bytes exceeds {limits.max_request_bytes}: the Assignment"
-            " that carries it must fit in one Kafka record (1 MiB)"
+            " that carries it must fit in one Kafka record (max_record_bytes)"
+        )
+    if req.reply_to is not None and not is_topic_name(req.reply_to):
+        raise InvalidRequest(
+            f"reply_to {req.reply_to[:100]!r} is not a Kafka topic name"
+            " (1-249 of A-Z a-z 0-9 . _ -)"
         )
     if req.input_tokens is not None and req.input_tokens < 1:
         raise InvalidRequest(f"input_tokens must be >= 1, got {req.input_tokens}")

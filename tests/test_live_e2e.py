@@ -156,6 +156,8 @@ async def test_bad_requests_are_rejected_and_dead_lettered(kafka_settings: Setti
         AgentRequest(request_id="bad-huge", input_tokens=10_000_000),
         AgentRequest(request_id="bad-empty"),
         AgentRequest(request_id="bad-slo", input_tokens=10, slo_s=-3.0),
+        # its Result could never be delivered there: rejected on the shared results topic
+        AgentRequest(request_id="bad-reply-to", input_tokens=10, reply_to="no such/topic"),
     ]
     async with (
         LocalStack(settings=s, fleet=FLEET, time_scale=0.02, heartbeat_period_s=0.1),
