@@ -92,8 +92,15 @@ def validate_request(req: AgentRequest, now: float, limits: Limits,
         raise InvalidRequest(f"slo_s must be a positive number of seconds, got {req.slo_s}")
     if req.slo_s is not None and req.slo_s > limits.max_slo_s:
         raise InvalidRequest(f"slo_s {req.slo_s} exceeds {limits.max_slo_s}")
-    if req.deadline is not None and not math.isfinite(req.deadline):
-        raise InvalidRequest("deadline must be a finite Unix time")
+    for name in ("deadline", "arrival", "workflow_deadline"):
+        t = getattr(req, name)
+        if t is not None and not math.isfinite(t):  # NaN would poison every deadline sum
+            raise InvalidRequest(f"{name} must be a finite Unix time, got {t}")
+    for name in ("ttft_slo_s", "tpot_slo_s"):
+        s = getattr(req, name)
+        if s is not None and (not math.isfinite(s) or s <= 0):
+            raise InvalidRequest(f"{name} must be a positive number of seconds, got {s}")
+    _check_shape(req, limits)
     deadline = deadline_of(req, now, default_slo_s)
     if deadline < now - limits.clock_skew_s:
         raise InvalidRequest(f"deadline already passed {now - deadline:.3f}s ago")
@@ -102,6 +109,31 @@ def validate_request(req: AgentRequest, now: float, limits: Limits,
     if models is not None and req.model not in ("", "default") and req.model not in models:
         raise UnknownModel(f"no instance serves model {req.model!r} (served: {sorted(models)})")
     return n_in
+
+
+def _check_shape(req: AgentRequest, limits: Limits) -> None:
+    """What the engine or the router would otherwise meet first: a failed run (vLLM's own
+    checks) or a plan on a nonsensical hint."""
+    hint = req.output_tokens_hint
+    if hint is not None and not 0 <= hint <= limits.max_output_tokens:
+        raise InvalidRequest(
+            f"output_tokens_hint must be in [0, {limits.max_output_tokens}], got {hint}"
+        )
+    if req.step < 0:
+        raise InvalidRequest(f"step must be >= 0, got {req.step}")
+    if req.workflow_id is not None and not 1 <= len(req.workflow_id) <= 256:
+        raise InvalidRequest("workflow_id must be 1-256 characters")
+    sp = req.sampling
+    if not (math.isfinite(sp.temperature) and sp.temperature >= 0):
+        raise InvalidRequest(f"sampling.temperature must be >= 0, got {sp.temperature}")
+    if not (math.isfinite(sp.top_p) and 0 < sp.top_p <= 1):
+        raise InvalidRequest(f"sampling.top_p must be in (0, 1], got {sp.top_p}")
+    if sp.top_k < -1:
+        raise InvalidRequest(f"sampling.top_k must be -1 (off) or >= 0, got {sp.top_k}")
+    if sp.stop_token_ids and min(sp.stop_token_ids) < 0:
+        raise InvalidRequest("sampling.stop_token_ids must be token ids (>= 0)")
+    if req.prompt_token_ids and min(req.prompt_token_ids) < 0:
+        raise InvalidRequest("prompt_token_ids must be token ids (>= 0)")
 
 
 class SeenRequests:
