@@ -43,6 +43,7 @@ from goodserve.dispatcher.validation import (
     Limits,
     SeenRequests,
     is_topic_name,
+    report_problem,
     validate_request,
 )
 from goodserve.monitor.risk import MonitorConfig, RiskMonitor
@@ -63,6 +64,7 @@ from goodserve.errors import (
     ConfigError,
     DuplicateRequest,
     GoodServeError,
+    InvalidReport,
     RecordTooLarge,
     TransportError,
     Unschedulable,
@@ -126,6 +128,8 @@ class DispatcherStats:
     restored: int = 0
     """Placements restored from the topics by rebuilds (``rebuild_placements``)."""
     decisions_too_large: int = 0
+    invalid_reports: int = 0
+    """Heartbeats and Results with impossible numbers, dead-lettered (``report_problem``)."""
     """Decision records sent without the instances' views because with them they were
     larger than the producer accepts (``_send_decision``)."""
     decision_us: deque[float] = field(default_factory=lambda: deque(maxlen=10000))
@@ -854,7 +858,9 @@ class DispatcherService(AsyncService):
                 learned: list[tuple[Any, int]] = []
                 try:
                     for k, env in enumerate(envs):
-                        self._observe(env.msg, learned)
+                        invalid = self._observe(env.msg, learned)
+                        if invalid is not None:
+                            await self._fleet_consumer.dead_letter(env, invalid)
                         if k % 8 == 7:  # a bulk fetch of results must not hold up a poll
                             self._learn(learned)
                             await asyncio.sleep(0)
@@ -886,8 +892,19 @@ class DispatcherService(AsyncService):
                     observe(x, y)
         learned.clear()
 
-    def _observe(self, msg: Any, learned: list[tuple[Any, int]]) -> None:
+    def _observe(self, msg: Any, learned: list[tuple[Any, int]]) -> InvalidReport | None:
+        """Fold one fleet message in; a heartbeat or Result with impossible numbers is
+        returned as the error to dead-letter it with: such a heartbeat is not used, such a
+        Result settles its request without anything learnt from it."""
         now = time.time()
+        problem = report_problem(msg) if isinstance(msg, (Heartbeat, Result)) else None
+        if problem is not None:
+            self.stats.invalid_reports += 1
+            log.warning("dispatcher.invalid_report", error=problem,
+                        instance_id=getattr(msg, "instance_id", None))
+            if isinstance(msg, Result):
+                self._on_result(msg, now, learned, learn=False)
+            return InvalidReport(problem)
         if isinstance(msg, Heartbeat):
             if now - self._last_heartbeat > self.stale_after_s:
                 # we heard nothing for a while (broker or this replica was cut off): give
@@ -911,6 +928,7 @@ class DispatcherService(AsyncService):
             self._on_result(msg, now, learned)
         elif isinstance(msg, Checkpoint):
             self._on_checkpoint(msg, now)
+        return None
 
     def _on_checkpoint(self, ck: Checkpoint, now: float) -> None:
         """A source stopped a request: a migration (target set) or a drain (target None)."""
@@ -958,13 +976,20 @@ class DispatcherService(AsyncService):
                     resume=h.checkpoint if h.checkpoint is not None else a.resume,
                 )
 
-    def _on_result(self, r: Result, now: float, learned: list[tuple[Any, int]]) -> None:
+    def _on_result(
+        self, r: Result, now: float, learned: list[tuple[Any, int]], *, learn: bool = True
+    ) -> None:
         if self._rebuilding:
             self._results_while_rebuilding.add(r.request_id)
         if r.status in ("rejected",):
             return
         self.stats.results += 1
         self.stats.met += bool(r.met_deadline)
+        if not learn:  # settled, nothing learnt
+            self.est.on_finish(r.request_id, now=now)
+            self.inputs.pop(r.request_id, None)
+            self._forget(r.request_id)
+            return
         if r.first_token_at and r.dispatched_at:
             self.est.on_first_token(r.request_id, now=now)
         decode_s = None

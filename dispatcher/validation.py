@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from goodserve.dispatcher.router import deadline_of, input_tokens_of
-from goodserve.schemas import AgentRequest
+from goodserve.schemas import AgentRequest, Heartbeat, Result
 
 from goodserve.errors import (
     DuplicateRequest,
@@ -134,6 +134,50 @@ def _check_shape(req: AgentRequest, limits: Limits) -> None:
         raise InvalidRequest("sampling.stop_token_ids must be token ids (>= 0)")
     if req.prompt_token_ids and min(req.prompt_token_ids) < 0:
         raise InvalidRequest("prompt_token_ids must be token ids (>= 0)")
+
+
+_HEARTBEAT_COUNTS = (
+    "seq", "running", "waiting", "max_batch", "kv_used_blocks", "kv_total_blocks",
+    "tokens_generated", "prefix_hit_tokens", "prefix_query_tokens",
+)
+_HEARTBEAT_RATES = ("at", "step_time_s", "tpot_s", "prefill_tokens_per_s")
+_RESULT_COUNTS = ("input_tokens", "output_tokens", "cached_tokens", "migrations")
+_RESULT_TIMES = ("arrival", "dispatched_at", "first_token_at", "finished_at", "deadline")
+
+
+def report_problem(msg: Heartbeat | Result) -> str | None:
+    """What is impossible in a worker's heartbeat or Result (None: nothing). The estimator
+    and the predictor learn from these numbers: one NaN TPOT or negative length would
+    stay in an instance's corrections or a task's recalibration for good."""
+    if isinstance(msg, Heartbeat):
+        for f in _HEARTBEAT_COUNTS:
+            if getattr(msg, f) < 0:
+                return f"heartbeat {f} is negative ({getattr(msg, f)})"
+        if msg.kv_block_size < 1:
+            return f"heartbeat kv_block_size must be >= 1, got {msg.kv_block_size}"
+        for f in _HEARTBEAT_RATES:
+            v = getattr(msg, f)
+            if not (math.isfinite(v) and v >= 0.0):
+                return f"heartbeat {f} must be finite and >= 0, got {v}"
+        for p in msg.requests:
+            if p.generated < 0 or p.input_tokens < 0 or not math.isfinite(p.deadline):
+                return f"heartbeat progress of {p.request_id!r} is impossible"
+        return None
+    for f in _RESULT_COUNTS:
+        if getattr(msg, f) < 0:
+            return f"result {f} is negative ({getattr(msg, f)})"
+    for f in _RESULT_TIMES:
+        v = getattr(msg, f)
+        if v is not None and not math.isfinite(v):
+            return f"result {f} must be a finite Unix time, got {v}"
+    if (
+        msg.migrations == 0  # one worker's clock (a resumed request's times span two)
+        and msg.first_token_at
+        and msg.finished_at
+        and msg.finished_at < msg.first_token_at
+    ):
+        return "result finished before its first token"
+    return None
 
 
 class SeenRequests:

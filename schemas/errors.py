@@ -56,6 +56,13 @@ class InvalidRequest(InvalidInput):
     code = "invalid_request"
 
 
+class InvalidReport(InvalidInput):
+    """A worker's heartbeat or Result with numbers no engine produces (negative counts,
+    non-finite times): learnt from, it would corrupt every estimate of that instance."""
+
+    code = "invalid_report"
+
+
 class UnknownInstance(InvalidInput):
     code = "unknown_instance"
 

@@ -1,9 +1,11 @@
 """Admission checks (``validate_request``), table-driven: what can never be served gets a
 clear error before it is placed; what can is let through unchanged.
 
-A non-finite ``arrival`` made a NaN deadline: accepted, routed, and added to the kept sums
-of every deadline term (``budget_load``), it would have poisoned the routing of every
-request after it on that instance.
+Through Kafka, JSON carries no NaN or infinity (msgspec refuses the null it writes for
+them): the non-finite cases guard in-process callers (``LocalStack``, the simulator, the
+Python API), where a NaN ``arrival`` made a NaN deadline that was accepted, routed and
+added to the kept sums of the deadline terms (``budget_load``). The others (ranges,
+negative ids, names) arrive through Kafka and the gateway as well.
 """
 
 from __future__ import annotations
