@@ -147,8 +147,9 @@ _RESULT_TIMES = ("arrival", "dispatched_at", "first_token_at", "finished_at", "d
 
 def report_problem(msg: Heartbeat | Result) -> str | None:
     """What is impossible in a worker's heartbeat or Result (None: nothing). The estimator
-    and the predictor learn from these numbers: one NaN TPOT or negative length would
-    stay in an instance's corrections or a task's recalibration for good."""
+    and the predictor learn from these numbers: a negative batch size would become the
+    instance's batch limit, a negative length an answer the predictor learns from, and a
+    NaN (possible in process, not through JSON) would stay in a correction for good."""
     if isinstance(msg, Heartbeat):
         for f in _HEARTBEAT_COUNTS:
             if getattr(msg, f) < 0:

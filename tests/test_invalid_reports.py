@@ -5,8 +5,8 @@ The estimator takes every heartbeat's batch size, KV gauges and TPOT into the in
 estimates and every Result's decode time into its correction; the predictor recalibrates
 on every Result's length. A negative batch size became the instance's batch limit and
 made it look faster than it is (a busy H100 with 350 requests: a new request's finish
-estimated at 1.65 s instead of 2.10 s), a negative length a NaN in the task's
-recalibration for good; such reports are refused at the door. (Non-finite numbers cannot
+estimated at 1.65 s instead of 2.10 s), a negative length was learnt by the predictor as
+a very short answer; such reports are refused at the door. (Non-finite numbers cannot
 come through Kafka: JSON has none, and msgspec refuses the null it writes for them.)
 """
 
