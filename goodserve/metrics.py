@@ -245,6 +245,9 @@ class DispatcherMetrics(ServiceMetrics):
             ("goodserve_dispatcher_decisions_too_large",
              "Decision records sent without the instances' views (too large with them)",
              s.decisions_too_large),
+            ("goodserve_dispatcher_invalid_reports",
+             "Heartbeats and Results with impossible numbers, dead-lettered, not learnt from",
+             s.invalid_reports),
         ):
             yield CounterMetricFamily(name, doc, value=val)
         yield GaugeMetricFamily("goodserve_dispatcher_held_now", "Requests held right now",

@@ -153,6 +153,7 @@ async def test_dispatcher_and_monitor_metrics_over_http(kafka_settings: Settings
     assert value(d, "goodserve_dispatcher_dead_letters_total") == 1
     assert value(d, "goodserve_dispatcher_results_total") == n
     assert value(d, "goodserve_dispatcher_held_now") == 0
+    assert value(d, "goodserve_dispatcher_invalid_reports_total") == 0  # real workers' reports
     # every request met its 30 s deadline: the load pressure fell from its start (0.3)
     assert 0.0 <= value(d, "goodserve_dispatcher_miss_rate") < 0.3
     assert value(d, "goodserve_dispatcher_decision_latency_seconds_count") == n
