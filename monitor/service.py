@@ -15,11 +15,12 @@ import uuid
 from typing import Any
 
 from goodserve.dispatcher.estimator import FleetEstimator
+from goodserve.dispatcher.validation import report_problem
 from goodserve.monitor.risk import MonitorConfig, RiskMonitor
 from goodserve.schemas import Decision, Heartbeat, MigrationCommand, Result
 
 from goodserve.config import Settings
-from goodserve.errors import ConfigError
+from goodserve.errors import ConfigError, InvalidReport
 from goodserve.lifecycle import AsyncService
 from goodserve.logging import get_logger
 from goodserve.metrics import MetricsServer, MonitorMetrics
@@ -97,10 +98,15 @@ class MonitorService(AsyncService):
     async def run_until_stopped(self) -> None:
         await self._stopping.wait()
 
-    def observe(self, msg: Any, now: float | None = None) -> None:
-        """Fold one message into the fleet state (no I/O)."""
+    def observe(self, msg: Any, now: float | None = None) -> InvalidReport | None:
+        """Fold one message into the fleet state (no I/O); a heartbeat with impossible
+        numbers is not used but returned as the error to dead-letter it with."""
         now = time.time() if now is None else now
         if isinstance(msg, Heartbeat):
+            problem = report_problem(msg)
+            if problem is not None:
+                log.warning("monitor.invalid_report", error=problem, instance_id=msg.instance_id)
+                return InvalidReport(problem)
             self.est.on_heartbeat(msg, now=now)
         elif isinstance(msg, Decision) and msg.chosen is not None:
             inst = next((v for v in msg.instances if v.instance_id == msg.chosen), None)
@@ -116,13 +122,16 @@ class MonitorService(AsyncService):
         elif isinstance(msg, Result):
             self.est.on_finish(msg.request_id, now=now)
             self.metrics.observe_result(msg)
+        return None
 
     async def _consume(self) -> None:
         assert self._consumer is not None
         while not self._stopping.is_set():
             try:
                 for env in await self._consumer.getmany(timeout_ms=50):
-                    self.observe(env.msg)
+                    invalid = self.observe(env.msg)
+                    if invalid is not None:
+                        await self._consumer.dead_letter(env, invalid)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -87,6 +87,15 @@ def test_nothing_is_learnt_from_an_impossible_report() -> None:
     assert bool(np.all(np.isfinite(est.tpot_corr)))
 
 
+def test_the_standalone_monitor_does_not_use_an_impossible_heartbeat() -> None:
+    from goodserve.monitor.service import MonitorService
+
+    mon = MonitorService(settings=Settings())
+    err = mon.observe(msgspec.structs.replace(HB, max_batch=-256), now=NOW)
+    assert err is not None and err.code == "invalid_report" and "g0" not in mon.est.index
+    assert mon.observe(HB, now=NOW) is None and "g0" in mon.est.index
+
+
 @pytest.mark.kafka
 @pytest.mark.timeout(60)
 async def test_an_impossible_heartbeat_is_dead_lettered_and_the_dispatcher_goes_on(
