@@ -7,12 +7,12 @@ rejected ``Result`` for the client and a ``DeadLetter`` for operators.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 from goodserve.dispatcher.router import deadline_of, input_tokens_of
 from goodserve.schemas import AgentRequest, Heartbeat, Result
 
+from goodserve.config import MAX_INSTANCE_ID, is_topic_name
 from goodserve.errors import (
     DuplicateRequest,
     InvalidRequest,
@@ -20,6 +20,9 @@ from goodserve.errors import (
     UnknownModel,
 )
 from goodserve.recent_ids import RecentIds
+
+__all__ = ["ASSIGNMENT_ROOM_BYTES", "Limits", "SeenRequests", "is_topic_name",
+           "report_problem", "validate_request"]
 
 ASSIGNMENT_ROOM_BYTES = 4_096
 """What an Assignment adds to the request it carries, at most (ids, times, predictions)."""
@@ -42,14 +45,6 @@ class Limits:
     def for_records(cls, max_record_bytes: int) -> Limits:
         """The default limits, for records of at most ``max_record_bytes``."""
         return cls(max_request_bytes=max_record_bytes - ASSIGNMENT_ROOM_BYTES)
-
-
-_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
-
-
-def is_topic_name(name: str) -> bool:
-    """Whether Kafka accepts ``name`` as a topic: a Result sent to any other is lost."""
-    return _TOPIC_NAME.fullmatch(name) is not None and name not in (".", "..")
 
 
 def validate_request(req: AgentRequest, now: float, limits: Limits,
@@ -151,6 +146,8 @@ def report_problem(msg: Heartbeat | Result) -> str | None:
     instance's batch limit, a negative length an answer the predictor learns from, and a
     NaN (possible in process, not through JSON) would stay in a correction for good."""
     if isinstance(msg, Heartbeat):
+        if not (is_topic_name(msg.instance_id) and len(msg.instance_id) <= MAX_INSTANCE_ID):
+            return f"heartbeat instance_id {msg.instance_id[:100]!r} cannot name a topic"
         for f in _HEARTBEAT_COUNTS:
             if getattr(msg, f) < 0:
                 return f"heartbeat {f} is negative ({getattr(msg, f)})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Any, Literal
 
 import msgspec
@@ -17,6 +18,16 @@ from goodserve.errors import ConfigError
 
 ENV_PREFIX = "GOODSERVE_"
 SECRET_FIELDS = frozenset({"sasl_password"})
+
+
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+MAX_INSTANCE_ID = 200
+"""Instance ids name topics (``<prefix>.instance.<id>``, at most 249 characters)."""
+
+
+def is_topic_name(name: str) -> bool:
+    """Whether Kafka accepts ``name`` as a topic (1-249 of ``A-Z a-z 0-9 . _ -``)."""
+    return _TOPIC_NAME.fullmatch(name) is not None and name not in (".", "..")
 
 
 DEFAULT_MAX_RECORD_BYTES = 1_048_576

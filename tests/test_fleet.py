@@ -100,6 +100,7 @@ def test_count_expansion(entries: list[dict[str, object]], ids: list[str]) -> No
         ("- just-a-string\n", "expected a mapping"),
         ("- {id: a, gpu: [A40\n", "invalid YAML"),
         ("- {id: a, gpu: Z9000}\n", "unknown gpu 'Z9000'"),
+        ("- {id: 'node1:gpu0', gpu: A40}\n", "names the instance's topic"),
     ],
 )
 def test_errors(tmp_path: Path, text: str, needle: str) -> None:

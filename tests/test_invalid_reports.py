@@ -42,6 +42,7 @@ RES = Result(request_id="r", status="ok", instance_id="g0", output_tokens=40, in
              finished_at=NOW, deadline=NOW + 5.0)
 
 BAD: list[tuple[str, Any]] = [
+    ("instance_id", msgspec.structs.replace(HB, instance_id="node1:gpu0")),
     ("running", msgspec.structs.replace(HB, running=-1)),
     ("max_batch", msgspec.structs.replace(HB, max_batch=-256)),
     ("kv_block_size", msgspec.structs.replace(HB, kv_block_size=0)),

@@ -117,6 +117,8 @@ def test_constructor_validates_without_io() -> None:
     eng = SimulatedEngine(instance_id="x", gpu="A40", time_scale=0.1)
     with pytest.raises(ConfigError):
         WorkerService(settings=s, instance_id="", engine=eng, gpu="A40", model=MODEL)
+    with pytest.raises(ConfigError, match="names the topic"):  # ':' is no topic character
+        WorkerService(settings=s, instance_id="node1:gpu0", engine=eng, gpu="A40", model=MODEL)
     with pytest.raises(ConfigError):
         WorkerService(
             settings=s, instance_id="x", engine=eng, gpu="A40", model=MODEL, heartbeat_period_s=0

@@ -56,7 +56,7 @@ from goodserve.workers.engine import Engine, EngineRequest
 from goodserve.workers.node_consumer import NodeAssignments, NodeConsumer
 
 from goodserve.chaos.failpoints import failpoint
-from goodserve.config import Settings
+from goodserve.config import MAX_INSTANCE_ID, Settings, is_topic_name
 from goodserve.errors import (
     ConfigError,
     EngineError,
@@ -191,8 +191,14 @@ class WorkerService(AsyncService):
     ) -> None:
         if not isinstance(settings, Settings):
             raise ConfigError("settings must be a goodserve.config.Settings")
-        if not instance_id or any(c.isspace() for c in instance_id) or "/" in instance_id:
-            raise ConfigError(f"instance_id must be a non-empty name, got {instance_id!r}")
+        if not (
+            is_topic_name(settings.instance_topic(instance_id))
+            and 0 < len(instance_id) <= MAX_INSTANCE_ID
+        ):
+            raise ConfigError(
+                f"instance_id must be 1-{MAX_INSTANCE_ID} of A-Z a-z 0-9 . _ - (it names the"
+                f" topic {settings.instance_topic(instance_id)[:120]!r}), got {instance_id!r}"
+            )
         if not isinstance(engine, Engine):
             raise ConfigError(f"engine does not implement the Engine protocol: {engine!r}")
         if not gpu or not model:

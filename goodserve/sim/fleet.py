@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import yaml
 
+from goodserve.config import MAX_INSTANCE_ID, is_topic_name
 from goodserve.errors import ConfigError
 
 __all__ = [
@@ -175,7 +176,13 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> Fleet:
             "speed_factor": float(speed),
         }
         if has_id:
-            out.append(FleetInstance(id=str(e["id"]), **common))
+            iid = str(e["id"])
+            if not (is_topic_name(iid) and len(iid) <= MAX_INSTANCE_ID):
+                raise ConfigError(
+                    f"{where}: id {iid[:100]!r} must be 1-{MAX_INSTANCE_ID} of A-Z a-z 0-9 . _ -"
+                    " (it names the instance's topic)"
+                )
+            out.append(FleetInstance(id=iid, **common))
             continue
         prefix = _slug(_str(e, "id_prefix", where) or gpu)
         for _ in range(count):
