@@ -224,3 +224,13 @@ def test_refuses_open_access_off_loopback() -> None:
     assert GatewayConfig(host="0.0.0.0", no_auth=True).open_access
     assert not GatewayConfig(host="0.0.0.0", api_keys=("k" * 16,)).open_access
     assert GatewayConfig(host="::1").open_access
+
+
+def test_the_body_limit_follows_the_record_limit() -> None:
+    from goodserve.gateway import GatewayConfig, GatewayService
+
+    big = Settings(max_record_bytes=4 << 20)
+    assert GatewayService(settings=big).body_limit == 4 << 20
+    assert GatewayService(settings=Settings()).body_limit == 1 << 20
+    assert GatewayService(settings=big, config=GatewayConfig(max_body_bytes=65536)).body_limit \
+        == 65536

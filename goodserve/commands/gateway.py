@@ -27,7 +27,8 @@ def add_gateway_arguments(p: argparse.ArgumentParser, *, default_port: int = 800
                    help="deadline of requests that name none (seconds from arrival)")
     g.add_argument("--deadline-grace-s", type=float, default=10.0,
                    help="how long past its deadline a request is awaited before a 504")
-    g.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    g.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body (default: --max-record-bytes, 1 MiB)")
     g.add_argument("--max-inflight-per-key", type=int, default=256)
     g.add_argument("--no-max-tokens-bound", action="store_true", default=None,
                    help="max_tokens no longer caps the predicted length "

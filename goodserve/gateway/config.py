@@ -61,7 +61,9 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
     """Deadline of a request that names none (seconds from arrival)."""
     deadline_grace_s: float = 10.0
     """How long past its deadline a request is still awaited before a 504."""
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int | None = None
+    """Largest request body; None: the settings' ``max_record_bytes`` (a request larger
+    than a record could not reach the dispatcher anyway)."""
     max_inflight_per_key: int = 256
     max_tokens_bound: bool = True
     """False: ``max_tokens`` no longer caps the predicted length (stamped on each request)."""
@@ -79,7 +81,9 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         if not self.default_slo_s > 0 or self.deadline_grace_s < 0:
             raise ConfigError("default_slo_s must be > 0 and deadline_grace_s >= 0")
-        if self.max_body_bytes < 1024 or self.max_inflight_per_key < 1:
+        if (self.max_body_bytes is not None and self.max_body_bytes < 1024) or (
+            self.max_inflight_per_key < 1
+        ):
             raise ConfigError("max_body_bytes >= 1024 and max_inflight_per_key >= 1 required")
         if not 1 <= self.default_max_tokens <= self.max_max_tokens:
             raise ConfigError("default_max_tokens must be in 1..max_max_tokens")

@@ -124,6 +124,8 @@ class GatewayService(AsyncService):
             raise ConfigError("config must be a GatewayConfig")
         self.settings = settings
         self.config = config
+        self.body_limit = config.max_body_bytes or settings.max_record_bytes
+        """The largest request body taken (413 above it)."""
         self.stream_topic = settings.topic("stream")
         self.app = self._build_app()
         self._client: GoodServeClient | None = None
@@ -341,7 +343,7 @@ class GatewayService(AsyncService):
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="GoodServe gateway", docs_url=None, redoc_url=None,
                       openapi_url=None)
-        app.add_middleware(_BodyLimit, limit=self.config.max_body_bytes)
+        app.add_middleware(_BodyLimit, limit=self.body_limit)
 
         @app.get("/health")
         async def health() -> JSONResponse:
