@@ -1117,10 +1117,18 @@ class DispatcherService(AsyncService):
             if rid not in self.orphans or not self._owns(rid, o.request, own):
                 continue  # another replica owns it and reissues it
             ck = self._latest_checkpoint(rid, o.checkpoint)
-            if o.prefer is not None and o.assignment is not None and self._usable(o.prefer, now):
-                await self._hand_over(rid, o, ck, now)
-            else:
-                await self._reissue(rid, o.request, ck, o.assignment, now)
+            try:
+                if (
+                    o.prefer is not None
+                    and o.assignment is not None
+                    and self._usable(o.prefer, now)
+                ):
+                    await self._hand_over(rid, o, ck, now)
+                else:
+                    await self._reissue(rid, o.request, ck, o.assignment, now)
+            except GoodServeError as e:  # it stays an orphan; the ones after it go on
+                log.error("dispatcher.reissue_failed", request_id=rid, error_code=e.code,
+                          error=str(e))
 
     # ------------------------------------------------------------------ ownership, rebuild
     def _ownership(self) -> tuple[frozenset[int], int] | None:

@@ -1,9 +1,11 @@
-"""A request with a long prompt handed back by a draining worker is resumed elsewhere by the
-dispatcher, on real Kafka with simulated engines.
+"""The dispatcher's reissue path on real Kafka with simulated engines.
 
-The resuming Assignment used to carry the request twice (its own and its checkpoint's): a
+A request with a long prompt handed back by a draining worker is resumed elsewhere: the
+resuming Assignment used to carry the request twice (its own and its checkpoint's), so a
 600 KB prompt, admitted and placed in a 600 KB record, made a 1.2 MB one that the producer
-refused, so the request stopped at the draining worker and was never resumed.
+refused, and the request stopped at the draining worker was never resumed. A resuming
+Assignment still too large goes without the checkpoint's progress. An orphan whose
+reissue fails for good does not hold up the others.
 """
 
 from __future__ import annotations
@@ -106,3 +108,50 @@ async def test_a_resuming_assignment_too_large_for_a_record_goes_without_the_pro
     assert len(got) == 1 and got[0].request.prompt == req.prompt
     assert got[0].resume is not None and got[0].resume.generated_token_ids == []
     assert got[0].resume.progress_dropped and got[0].resume.migrations == 1
+
+
+async def test_an_orphan_that_cannot_be_reissued_does_not_hold_up_the_others(
+    kafka_settings: Settings,
+) -> None:
+    """A reissue refused for good (here a TransportError raised into the first orphan's
+    reissue: a topic the dispatcher may not write, say) left the round at that orphan, so
+    every orphan after it waited forever; it stays an orphan now and the others go on."""
+    import time
+
+    from goodserve.dispatcher.service import _Orphan
+
+    from goodserve.errors import TransportError
+
+    s = kafka_settings
+    await ensure_topics(s, [*standard_topics(s), *(instance_topic_spec(s, i.id)
+                                                   for i in FLEET.instances)])
+    src, dst = _worker(s, "src", "H100"), _worker(s, "dst", "A100")
+    d = DispatcherService(settings=s, policy="fastest-gpu", fleet=FLEET, monitor=False,
+                          predictor=ConstantPredictor(50.0, 50.0), default_slo_s=60.0)
+    try:
+        await src.start()
+        await dst.start()
+        await d.start()
+        await wait_for(lambda: usable(d, "src") and usable(d, "dst")
+                       and d._ownership() is not None and len(d._ownership()[0]) == s.partitions,
+                       "workers alive and the requests partitions owned", 60)
+        reqs = [AgentRequest(request_id=f"orphan-{k}", input_tokens=50, max_tokens=50,
+                             arrival=time.time(), slo_s=60.0,
+                             metadata={"sim_output_tokens": "50"}) for k in range(2)]
+        for r in reqs:
+            d.orphans[r.request_id] = _Orphan(r, None, None)
+        reissue = d._reissue
+
+        async def refused_for_the_first(rid: str, *args: object) -> None:
+            if rid == "orphan-0":
+                raise TransportError("not authorized to write the topic")
+            await reissue(rid, *args)  # type: ignore[arg-type]
+
+        d._reissue = refused_for_the_first  # type: ignore[method-assign]
+        await d._reissue_from_dead()
+        assert "orphan-0" in d.orphans and "orphan-1" not in d.orphans
+        assert d.assignments["orphan-1"].instance_id == "src" and d.stats.reissued == 1
+    finally:
+        await d.stop()
+        await dst.stop(drain_timeout_s=0.0)
+        await src.stop(drain_timeout_s=0.0)
