@@ -128,10 +128,10 @@ class DispatcherStats:
     restored: int = 0
     """Placements restored from the topics by rebuilds (``rebuild_placements``)."""
     decisions_too_large: int = 0
-    invalid_reports: int = 0
-    """Heartbeats and Results with impossible numbers, dead-lettered (``report_problem``)."""
     """Decision records sent without the instances' views because with them they were
     larger than the producer accepts (``_send_decision``)."""
+    invalid_reports: int = 0
+    """Heartbeats and Results with impossible numbers, dead-lettered (``report_problem``)."""
     decision_us: deque[float] = field(default_factory=lambda: deque(maxlen=10000))
 
 
