@@ -25,7 +25,14 @@ import msgspec
 from aiokafka.errors import KafkaError
 
 from goodserve.broker.apache import ApacheKafkaBroker
-from goodserve.schemas import AgentRequest, Assignment, DeadLetter, Heartbeat, encode
+from goodserve.schemas import (
+    AgentRequest,
+    Assignment,
+    DeadLetter,
+    Heartbeat,
+    SamplingParams,
+    encode,
+)
 from goodserve.transport import TypedConsumer
 
 from .cluster import Cluster, committed_total, requests_lag
@@ -192,7 +199,8 @@ async def broker_restart(*, requests: int = 1000, rps: float = 100.0,
 # ------------------------------------------------------------------ hostile input
 def _bad_records(n: int, rng: random.Random, *, valid_ids: list[str], worker: str,
                  prefix: str) -> list[tuple[str, str | None, bytes | None, str]]:
-    """``n`` bad records: (where, key, value, kind); where is 'requests' or 'instance'."""
+    """``n`` bad records: (where, key, value, kind); where is 'requests', 'heartbeats' or
+    'instance'."""
     now = time.time()
 
     def req(i: int, **kw: Any) -> bytes:
@@ -227,6 +235,16 @@ def _bad_records(n: int, rng: random.Random, *, valid_ids: list[str], worker: st
         ("duplicate_request_id", lambda i: (
             "requests", (rid := rng.choice(valid_ids)),
             encode(AgentRequest(request_id=rid, input_tokens=50, max_tokens=16, slo_s=60.0)))),
+        ("bad_reply_to", lambda i: ("requests", f"bad-{i}", req(i, reply_to="no such/topic"))),
+        ("negative_step", lambda i: ("requests", f"bad-{i}", req(i, step=-1))),
+        ("bad_sampling", lambda i: ("requests", f"bad-{i}", req(
+            i, sampling=SamplingParams(top_p=0.0)))),
+        ("negative_token_ids", lambda i: ("requests", f"bad-{i}", req(
+            i, input_tokens=None, prompt_token_ids=[5, -1, 7]))),
+        ("huge_hint", lambda i: ("requests", f"bad-{i}", req(i, output_tokens_hint=10**9))),
+        ("impossible_heartbeat", lambda i: ("heartbeats", f"bad-{i}", encode(Heartbeat(
+            instance_id=f"{prefix}-ghost-{i}", gpu="A100", model="m", engine="sim", at=now,
+            running=1, max_batch=-256)))),
         ("unknown_instance", lambda i: ("instance", f"bad-{i}", encode(Assignment(
             request=AgentRequest(request_id=f"{prefix}-ghost-{i}", input_tokens=10,
                                  max_tokens=4, slo_s=60.0),
@@ -270,8 +288,8 @@ async def hostile(*, bad: int = 1000, valid: int = 1000, rps: float = 100.0,
             per_tick = max(1, int(len(records) / max(1.0, (valid - first) / rps) * 0.05))
             for k in range(0, len(records), per_tick):
                 for where, key, value, name in records[k:k + per_tick]:
-                    topic = (s.requests_topic if where == "requests"
-                             else s.instance_topic(cluster.fleet[0][0]))
+                    topic = {"requests": s.requests_topic, "heartbeats": s.heartbeats_topic}.get(
+                        where, s.instance_topic(cluster.fleet[0][0]))
                     r = await producer.send_raw(topic, value, key=key)
                     sent[(r.topic, r.partition, r.offset)] = name
                 await asyncio.sleep(0.05)
