@@ -1025,22 +1025,30 @@ class DispatcherService(AsyncService):
                 log.exception("dispatcher.housekeeping_error")
 
     async def migrate_at_risk(self) -> int:
-        """One risk-monitor round: command the migrations it plans."""
+        """One risk-monitor round: command the migrations it plans; returns how many were
+        commanded."""
         assert self.monitor is not None
         now = time.time()
         plans = self.monitor.plan(self.est, now)
+        done = 0
         for plan in plans:
-            await self.command_migration(
-                plan.request_id,
-                plan.target,
-                source=plan.source,
-                reason=plan.reason,
-                risk=plan.risk,
-                remaining_tokens=plan.remaining_tokens,
-                now=now,
-            )
+            try:
+                await self.command_migration(
+                    plan.request_id,
+                    plan.target,
+                    source=plan.source,
+                    reason=plan.reason,
+                    risk=plan.risk,
+                    remaining_tokens=plan.remaining_tokens,
+                    now=now,
+                )
+            except GoodServeError as e:  # the next round plans it again; the others go on
+                log.error("dispatcher.migration_failed", request_id=plan.request_id,
+                          target=plan.target, error_code=e.code, error=str(e))
+                continue
             self.monitor.record(plan)
-        return len(plans)
+            done += 1
+        return done
 
     async def command_migration(
         self,

@@ -5,7 +5,8 @@ resuming Assignment used to carry the request twice (its own and its checkpoint'
 600 KB prompt, admitted and placed in a 600 KB record, made a 1.2 MB one that the producer
 refused, and the request stopped at the draining worker was never resumed. A resuming
 Assignment still too large goes without the checkpoint's progress. An orphan whose
-reissue fails for good does not hold up the others.
+reissue fails for good does not hold up the others, nor a migration whose command fails
+the rest of the risk monitor's round.
 """
 
 from __future__ import annotations
@@ -155,3 +156,43 @@ async def test_an_orphan_that_cannot_be_reissued_does_not_hold_up_the_others(
         await d.stop()
         await dst.stop(drain_timeout_s=0.0)
         await src.stop(drain_timeout_s=0.0)
+
+
+async def test_a_migration_that_cannot_be_commanded_does_not_hold_up_the_round(
+    kafka_settings: Settings,
+) -> None:
+    """The risk monitor's round stopped at a command refused for good, so every plan after
+    it waited for the next round, and the next: now the others are commanded."""
+    from goodserve.dispatcher.service import MonitorConfig
+    from goodserve.monitor.risk import MigrationPlan, RiskMonitor
+    from goodserve.schemas import MigrationCommand
+
+    from goodserve.errors import TransportError
+
+    s = kafka_settings
+    await ensure_topics(s, [*standard_topics(s), *(instance_topic_spec(s, i.id)
+                                                   for i in FLEET.instances)])
+    d = DispatcherService(settings=s, policy="fastest-gpu", fleet=FLEET,
+                          monitor_config=MonitorConfig(period_s=3600.0),
+                          predictor=ConstantPredictor(50.0, 50.0))
+    plans = [MigrationPlan(request_id=f"risky-{k}", source="src", target="dst", risk=0.9,
+                           target_risk=0.1, remaining_tokens=100.0, est_finish_source_s=9.0,
+                           est_finish_target_s=3.0, reason="test") for k in range(2)]
+
+    class Planned(RiskMonitor):  # the round's plans, as if these two were at risk
+        def plan(self, est: object, now: float) -> list[MigrationPlan]:  # type: ignore[override]
+            return plans
+
+    d.monitor = Planned(MonitorConfig(period_s=3600.0))
+    async with d:
+        command = d.command_migration
+
+        async def refused_for_the_first(rid: str, *args: object, **kw: object) -> object:
+            if rid == "risky-0":
+                raise TransportError("not authorized to write the topic")
+            return await command(rid, *args, **kw)  # type: ignore[arg-type]
+
+        d.command_migration = refused_for_the_first  # type: ignore[method-assign]
+        assert await d.migrate_at_risk() == 1
+    sent = await read_all(s, s.migrations_topic, MigrationCommand)
+    assert [c.request_id for c in sent] == ["risky-1"]
