@@ -39,7 +39,6 @@ from goodserve.dispatcher.estimator import FleetEstimator
 from goodserve.dispatcher.policies.registry import make_policy
 from goodserve.dispatcher.router import Predicted, Router, input_tokens_of, to_predictor_input
 from goodserve.dispatcher.validation import (
-    ASSIGNMENT_ROOM_BYTES,
     Limits,
     SeenRequests,
     is_topic_name,
@@ -231,9 +230,9 @@ class DispatcherService(AsyncService):
         self.settings = settings
         self.group_id = group_id
         self.replica_id = uuid.uuid4().hex[:8]
-        self.limits = limits or Limits.for_records(settings.max_record_bytes)
-        room = settings.max_record_bytes - ASSIGNMENT_ROOM_BYTES
-        if self.limits.max_request_bytes > room:
+        fitting = Limits.for_records(settings.max_record_bytes)
+        self.limits = limits or fitting
+        if self.limits.max_request_bytes > fitting.max_request_bytes:
             raise ConfigError(
                 f"limits.max_request_bytes ({self.limits.max_request_bytes}) leaves no room for "
                 f"the Assignment in a record of max_record_bytes ({settings.max_record_bytes})"
@@ -1445,11 +1444,11 @@ class DispatcherService(AsyncService):
         new = await self._send_resuming(new)
         del self.orphans[rid]
         self.assignments[rid] = new
+        generated = len(new.resume.generated_token_ids) if new.resume is not None else 0
         tr = self.est.requests.get(rid)
         if (
             tr is None or self.est.infos[tr.slot].instance_id != target
         ) and target in self.est.index:
-            generated = len(new.resume.generated_token_ids) if new.resume is not None else 0
             self.est.on_assign(
                 target,
                 request_id=rid,
@@ -1466,7 +1465,7 @@ class DispatcherService(AsyncService):
             instance_id=target,
             handover=True,
             from_checkpoint=ck is not None,
-            resumed_tokens=len(new.resume.generated_token_ids) if new.resume is not None else 0,
+            resumed_tokens=generated,
         )
 
     async def _send_resuming(self, a: Assignment) -> Assignment:

@@ -31,6 +31,11 @@ FLEET = Fleet(instances=[FleetInstance(id="src", gpu="H100"), FleetInstance(id="
 OUTPUT = 400
 
 
+async def _ensure_fleet_topics(s: Settings) -> None:
+    await ensure_topics(s, [*standard_topics(s), *(instance_topic_spec(s, i.id)
+                                                   for i in FLEET.instances)])
+
+
 def _worker(s: Settings, iid: str, gpu: str) -> WorkerService:
     return WorkerService(settings=s, instance_id=iid, gpu=gpu, model="llama-2-7b",
                          engine=SimulatedEngine(instance_id=iid, gpu=gpu), heartbeat_period_s=0.2)
@@ -40,8 +45,7 @@ async def test_a_long_prompt_handed_back_by_a_draining_worker_is_resumed(
     kafka_settings: Settings,
 ) -> None:
     s = kafka_settings
-    await ensure_topics(s, [*standard_topics(s), *(instance_topic_spec(s, i.id)
-                                                   for i in FLEET.instances)])
+    await _ensure_fleet_topics(s)
     req = AgentRequest(request_id="long-1", prompt="q" * 600_000, input_tokens=200,
                        max_tokens=OUTPUT, slo_s=120.0,
                        metadata={"sim_output_tokens": str(OUTPUT)})
@@ -91,8 +95,7 @@ async def test_a_resuming_assignment_too_large_for_a_record_goes_without_the_pro
     from goodserve.schemas import Checkpoint
 
     s = kafka_settings
-    await ensure_topics(s, [*standard_topics(s), *(instance_topic_spec(s, i.id)
-                                                   for i in FLEET.instances)])
+    await _ensure_fleet_topics(s)
     req = AgentRequest(request_id="long-2", prompt="q" * 900_000, input_tokens=200,
                        max_tokens=50_000, slo_s=120.0)
     ck = Checkpoint(request_id="long-2", migration_id="m-2", source="src", request=req,
@@ -124,8 +127,7 @@ async def test_an_orphan_that_cannot_be_reissued_does_not_hold_up_the_others(
     from goodserve.errors import TransportError
 
     s = kafka_settings
-    await ensure_topics(s, [*standard_topics(s), *(instance_topic_spec(s, i.id)
-                                                   for i in FLEET.instances)])
+    await _ensure_fleet_topics(s)
     src, dst = _worker(s, "src", "H100"), _worker(s, "dst", "A100")
     d = DispatcherService(settings=s, policy="fastest-gpu", fleet=FLEET, monitor=False,
                           predictor=ConstantPredictor(50.0, 50.0), default_slo_s=60.0)
@@ -170,8 +172,7 @@ async def test_a_migration_that_cannot_be_commanded_does_not_hold_up_the_round(
     from goodserve.errors import TransportError
 
     s = kafka_settings
-    await ensure_topics(s, [*standard_topics(s), *(instance_topic_spec(s, i.id)
-                                                   for i in FLEET.instances)])
+    await _ensure_fleet_topics(s)
     d = DispatcherService(settings=s, policy="fastest-gpu", fleet=FLEET,
                           monitor_config=MonitorConfig(period_s=3600.0),
                           predictor=ConstantPredictor(50.0, 50.0))
