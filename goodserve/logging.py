@@ -19,6 +19,19 @@ from structlog.contextvars import bind_contextvars, reset_contextvars
 _configured = False
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time of the write. structlog's print
+    logger keeps the stream it was given; if that stream is replaced and closed (pytest's
+    capture around a command, a process that redirects its stderr), every later log
+    call - an atexit clean-up's included - would raise on the closed stream."""
+
+    def write(self, s: str) -> int:
+        return sys.stderr.write(s)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(*, level: str | None = None, json: bool | None = None) -> None:
     """Configure structlog once; GOODSERVE_LOG_LEVEL / GOODSERVE_LOG_JSON override defaults."""
     global _configured
@@ -41,7 +54,7 @@ def configure_logging(*, level: str | None = None, json: bool | None = None) -> 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

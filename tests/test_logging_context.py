@@ -42,3 +42,25 @@ async def test_each_task_sees_its_own_binding() -> None:
     await asyncio.gather(*(handle(f"r{k}") for k in range(5)))
     assert seen == {f"r{k}": f"r{k}" for k in range(5)}
     assert get_contextvars() == {}
+
+
+def test_logs_follow_stderr_when_it_is_replaced_and_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A command run under a replaced stderr (pytest's capture) configures logging; once
+    that stream is closed, later log calls (an atexit clean-up's) must still work."""
+    import io
+    import sys
+
+    from goodserve.logging import configure_logging, get_logger
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    configure_logging(level="INFO", json=True)
+    log = get_logger("test.stderr")
+    log.info("one")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    log.info("two")  # raised "I/O operation on closed file" before
+    assert '"event": "two"' in second.getvalue()
