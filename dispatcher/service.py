@@ -522,6 +522,8 @@ class DispatcherService(AsyncService):
                 admitted.append(admission)
             elif admission != "held":
                 done.append(env)
+        if admitted and await self._prepare_predictions([e.msg for e in admitted]):
+            now = time.time()  # the encoder took a while: route at the time it is now
         predicted = self._predict_batch([e.msg for e in admitted])
         for env, p in zip(admitted, predicted, strict=True):
             with bound_context(request_id=env.msg.request_id):
@@ -627,6 +629,24 @@ class DispatcherService(AsyncService):
             await asyncio.wait([task])  # the rewind reads the offsets it committed
         self._commit_targets.clear()
         await self._requests.rewind()
+
+    async def _prepare_predictions(self, reqs: list[AgentRequest]) -> bool:
+        """The predictor's encoder tier embeds the poll's new prompts in a worker thread
+        (milliseconds of CPU each; torch releases the GIL), so that routing, on the event
+        loop, finds them cached. True if it ran. A failure is logged and left to the
+        routing of each request (which embeds its own prompt, or fails alone)."""
+        predictor = self.router.predictor if self.router is not None else None
+        if getattr(predictor, "encoder", None) is None:
+            return False
+        t0 = time.perf_counter()
+        try:
+            await asyncio.to_thread(
+                predictor.prepare, [to_predictor_input(r, 0) for r in reqs]  # type: ignore[union-attr]
+            )
+        except Exception as e:
+            log.warning("dispatcher.encoder_failed", error=repr(e), size=len(reqs))
+        self.metrics.encoder_latency.observe(time.perf_counter() - t0)
+        return True
 
     def _predict_batch(self, reqs: list[AgentRequest]) -> list[Predicted | None]:
         """Predicted lengths of a poll's requests at once; None where a request must be
@@ -802,6 +822,8 @@ class DispatcherService(AsyncService):
         while self.held:
             batch.append(self.held.popleft()[0])
         self.stats.held_now = 0
+        if await self._prepare_predictions([e.msg for e in batch]):
+            now = time.time()
         deliveries: list[Delivery] = []
         done = []
         for env in batch:

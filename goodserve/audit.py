@@ -170,8 +170,11 @@ def shipped_predictors() -> dict[str, Any]:
     """The predictors that ship with GoodServe, by version (those a replay can re-run)."""
     from goodserve.dispatcher.predictor.model import OutputLengthPredictor, TaskMedianPredictor
 
+    def encoder_tier() -> OutputLengthPredictor:  # replay scores features: no encoder needed
+        return OutputLengthPredictor.encoder_tier(lazy_encoder=True)
+
     out: dict[str, Any] = {}
-    for make in (OutputLengthPredictor.default, TaskMedianPredictor.default):
+    for make in (OutputLengthPredictor.default, encoder_tier, TaskMedianPredictor.default):
         try:
             p = make()
         except Exception:

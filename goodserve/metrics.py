@@ -172,6 +172,10 @@ class DispatcherMetrics(ServiceMetrics):
             "goodserve_dispatcher_decision_latency_seconds",
             "Time to route one request (predict + estimate + select)",
             buckets=DECISION_BUCKETS, registry=r)
+        self.encoder_latency = Histogram(
+            "goodserve_dispatcher_encoder_seconds",
+            "The predictor's encoder tier: time to embed a poll's new prompts (off the loop)",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=r)
         self.assigned_to = Counter(
             "goodserve_dispatcher_assigned_by_instance",
             "Requests assigned, by instance", ["instance"], registry=r)

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh dev
 scripts/install-vllm.sh
+scripts/install-encoder.sh   # the predictor's optional encoder tier (tests/test_predictor_encoder.py)
 . .venv/bin/activate
 echo "== ruff" && ruff check .
 echo "== mypy" && mypy goodserve/ schemas/ dispatcher/ workers/ monitor/

@@ -23,8 +23,12 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from goodserve.dispatcher.predictor.encoder import EncoderHead
 
 FEATURE_VERSION = 2
 
@@ -41,6 +45,9 @@ TEXT_CHARS = 2000
 MAX_WORDS = 128
 CHAR_CHARS = 400
 """Character n-grams look at the first this many characters (lower-cased, spaces collapsed)."""
+ENCODER_CHARS = 8192
+"""Characters handed to the encoder tier's tokenizer (it reads 256 word pieces, about
+1,000 characters of prose: the cut only spares it tokenizing a huge prompt whole)."""
 CHAR_NGRAMS = (3, 4, 5)
 """The n-gram lengths of ``char_ids`` (fixed in its code; recorded in the metadata)."""
 TEXT_SPACE_BITS = 16
@@ -194,6 +201,9 @@ TEXT_MODEL_OFFSET = TEXT_OFFSET + len(_TEXT_STAT_NAMES)
 PRIOR_OFFSET = TEXT_MODEL_OFFSET + len(_TEXT_MODEL_NAMES)
 HISTORY_OFFSET = PRIOR_OFFSET + len(_PRIOR_NAMES)
 assert HISTORY_OFFSET + len(_HISTORY_NAMES) == N_FEATURES
+ENCODER_FEATURE = "text_encoder_score"
+"""The encoder tier's one extra feature, after the history block (column ``N_FEATURES``):
+a model trained with it has ``N_FEATURES + 1`` features, every other one where it was."""
 
 NO_HISTORY = -1.0
 """EMA/last value when there is no history yet (features are never NaN)."""
@@ -427,18 +437,22 @@ class Featurizer:
     log1p(output tokens) minus the task's mean, its standard deviation and log1p(rows):
     a static table shipped with the model (never updated online; unknown pairs get
     ``NO_PRIOR``). Text features are memoised by prompt (agents resend identical
-    prompts: retries, templated steps), bounded in size.
+    prompts: retries, templated steps), bounded in size. ``encoder_head`` (the encoder
+    tier, ``encoder.EncoderHead``): one more feature, ``ENCODER_FEATURE``, at the end.
     """
 
-    __slots__ = ("_cache", "cache_size", "prior", "text_model")
+    __slots__ = ("_cache", "cache_size", "encoder_head", "n_features", "prior", "text_model")
 
     def __init__(
         self,
         text_model: TextModel | None = None,
         model_prior: PriorTable | None = None,
         cache_size: int = 4096,
+        encoder_head: EncoderHead | None = None,
     ) -> None:
         self.text_model = text_model or TextModel.zeros()
+        self.encoder_head = encoder_head
+        self.n_features = N_FEATURES + (encoder_head is not None)
         self.prior: dict[tuple[str, str], list[float]] = {
             (t, m): [float(v) for v in vals]
             for t, by_model in (model_prior or {}).items()
@@ -511,7 +525,26 @@ class Featurizer:
             )
         feats += mid
         feats += history
+        if self.encoder_head is not None:
+            feats.append(self.encoder_score(prompt, task))
         return feats
+
+    def encoder_score(self, prompt: str | None, task: str) -> float:
+        """The encoder head's score of the prompt for the task's text model (0.0 without a
+        prompt), memoised with the prompt's text features. A prompt not embedded yet is
+        embedded here: ``OutputLengthPredictor.prepare`` does it ahead, in batches."""
+        head = self.encoder_head
+        if head is None or not prompt:
+            return 0.0
+        memo = self._entry(prompt)[3]
+        key = -1 - _TM_ROW[text_model_task(task)]  # text scores use keys >= 0
+        sc = memo.get(key)
+        if sc is None:
+            emb = head.encoder.embed([prompt[:ENCODER_CHARS]])[0]
+            for row, v in enumerate(head.scores(emb).tolist()):
+                memo[-1 - row] = [v]
+            sc = memo[key]
+        return sc[0]
 
 
 class History:

@@ -33,6 +33,7 @@ import numpy as np
 from goodserve.dispatcher.predictor import features as F
 
 if TYPE_CHECKING:
+    from goodserve.dispatcher.predictor.encoder import PromptEncoder
     from goodserve.schemas import AgentRequest
 
 QUANTILES = (0.5, 0.9, 0.99)
@@ -43,6 +44,8 @@ NGRAM_FILE = "ngram_weights.json.gz"
 TEXT_MODEL_FILE = "text_model.npz"
 """Per-task word and character n-gram ridge weights and IDF (float16, numpy ``savez``)."""
 META_FILE = "metadata.json"
+ENCODER_FILE = "encoder_head.npz"
+"""The encoder tier's per-task ridge heads on the sentence embedding (``w``, ``b``)."""
 _Z90 = NormalDist().inv_cdf(0.9)
 _Z99 = NormalDist().inv_cdf(0.99)
 _ND = NormalDist()
@@ -375,16 +378,19 @@ class _Forest:
         return out
 
 
-_ROW = struct.Struct(f"{F.N_FEATURES}d")
+_ROWS = {n: struct.Struct(f"{n}d") for n in (F.N_FEATURES, F.N_FEATURES + 1)}
 
 
-def _rows_f32(feats: Sequence[Sequence[float]]) -> np.ndarray:
+def _rows_f32(feats: Sequence[Sequence[float]], n: int = F.N_FEATURES) -> np.ndarray:
     """``np.asarray(feats, dtype=np.float32)``: rows of Python floats are packed as doubles
     by ``struct`` first, which costs half of numpy's per-element conversion (the same
     values: each double is rounded to float32 once either way)."""
-    if isinstance(feats, list) and all(type(f) is list and len(f) == F.N_FEATURES for f in feats):
+    row = _ROWS.get(n)
+    if row is not None and isinstance(feats, list) and all(
+        type(f) is list and len(f) == n for f in feats
+    ):
         try:
-            raw = b"".join([_ROW.pack(*f) for f in feats])
+            raw = b"".join([row.pack(*f) for f in feats])
         except struct.error:  # not all numbers: numpy's conversion says why
             return np.asarray(feats, dtype=np.float32)
         return np.frombuffer(raw, dtype=np.float64).astype(np.float32).reshape(len(feats), -1)
@@ -415,6 +421,8 @@ class OutputLengthPredictor(_Base):
         text_model: F.TextModel | None = None,
         online_calibration: bool = True,
         hint_weight: float | None = None,
+        encoder_head: tuple[np.ndarray, np.ndarray] | None = None,
+        encoder: PromptEncoder | None = None,
     ) -> None:
         if meta.get("feature_version") != F.FEATURE_VERSION:
             raise ValueError(
@@ -428,8 +436,21 @@ class OutputLengthPredictor(_Base):
                 _FORESTS.clear()
             forest = _FORESTS[version] = _Forest(booster_json)
         self._forest = forest
-        if self._forest.n_features and self._forest.n_features != F.N_FEATURES:
-            raise ValueError(f"model has {self._forest.n_features} features, need {F.N_FEATURES}")
+        head = None
+        enc_meta = meta.get("encoder")
+        if enc_meta:  # the encoder tier: one more feature, from a sentence encoder
+            from goodserve.dispatcher.predictor.encoder import EncoderHead, PromptEncoder
+
+            if encoder_head is None:
+                raise ValueError(f"model needs the encoder head file ({ENCODER_FILE})")
+            if encoder is None:
+                encoder = PromptEncoder(max_tokens=int(enc_meta.get("max_tokens", 256)))
+            head = EncoderHead(encoder_head[0], encoder_head[1], encoder)
+        self.featurizer = F.Featurizer(text_model, meta.get("model_prior"), encoder_head=head)
+        self.n_features = self.featurizer.n_features
+        if self._forest.n_features and self._forest.n_features != self.n_features:
+            raise ValueError(f"model has {self._forest.n_features} features, need "
+                             f"{self.n_features}")
         # Conformal corrections (log1p space) per task bucket, shape (2 * n_tasks, 3):
         # rows 0..n-1 for feature rows with online history, n..2n-1 for rows without.
         n_t = len(F.TASKS)
@@ -441,7 +462,6 @@ class OutputLengthPredictor(_Base):
                     off[base + F.TASK_INDEX[t]] = vals
         self._task_offsets = off
         self.history = F.History()
-        self.featurizer = F.Featurizer(text_model, meta.get("model_prior"))
         self.online_calibration = online_calibration
         self.hint_weight = float(
             meta.get("hint_weight", 1.0) if hint_weight is None else hint_weight
@@ -456,10 +476,56 @@ class OutputLengthPredictor(_Base):
     # -- loading -------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, **kwargs: Any) -> OutputLengthPredictor:
-        """Load a model directory (model.json.gz, text_model.npz, metadata.json)."""
-        booster_json, meta, text_model, version = _read_dir(Path(path))
-        return cls(booster_json, meta, version=version, text_model=text_model, **kwargs)
+    def load(
+        cls, path: str | Path, *, lazy_encoder: bool = False, **kwargs: Any
+    ) -> OutputLengthPredictor:
+        """Load a model directory (model.json.gz, text_model.npz, metadata.json, and for
+        the encoder tier encoder_head.npz). An encoder-tier model also loads its sentence
+        encoder now (``encoder=``: one to share), so a missing one fails here, with
+        ``encoder.EncoderUnavailable``, not at the first request; ``lazy_encoder``: at the
+        first prompt instead (a replay, which scores recorded features, needs none)."""
+        booster_json, meta, text_model, version, head = _read_dir(Path(path))
+        p = cls(booster_json, meta, version=version, text_model=text_model,
+                encoder_head=head, **kwargs)
+        if p.encoder is not None and not lazy_encoder:
+            p.encoder.load()
+        return p
+
+    @classmethod
+    def encoder_tier(cls, **kwargs: Any) -> OutputLengthPredictor:
+        """The shipped encoder-tier model (goodserve/data/predictor-encoder): needs the
+        ``encoder`` extra. Costs milliseconds of CPU per new prompt; see docs/predictor.md."""
+        return cls.load(default_model_dir().parent / "predictor-encoder", **kwargs)
+
+    @classmethod
+    def from_spec(cls, spec: str | Path | None) -> OutputLengthPredictor:
+        """``default`` (or None / empty): the shipped model; ``encoder``: the shipped
+        encoder tier; anything else: a model directory."""
+        name = str(spec or "default")
+        if name == "default":
+            return cls.default()
+        if name == "encoder":
+            return cls.encoder_tier()
+        return cls.load(name)
+
+    @property
+    def encoder(self) -> PromptEncoder | None:
+        """The sentence encoder of an encoder-tier model (None: the plain model)."""
+        head = self.featurizer.encoder_head
+        return head.encoder if head is not None else None
+
+    def prepare(self, xs: Sequence[PredictorInput]) -> int:
+        """Embed, in one batch, the prompts among ``xs`` that the encoder tier has not seen
+        (the slow part of ``features``; nothing to do for a plain model). The dispatcher
+        runs this off its event loop, then routes. Returns the number of prompts given to
+        the encoder (cached ones included: it skips those itself)."""
+        enc = self.encoder
+        if enc is None:
+            return 0
+        prompts = list(dict.fromkeys(x.prompt[: F.ENCODER_CHARS] for x in xs if x.prompt))
+        if prompts:
+            enc.embed(prompts)
+        return len(prompts)
 
     @classmethod
     def default(cls) -> OutputLengthPredictor:
@@ -468,8 +534,9 @@ class OutputLengthPredictor(_Base):
         Each call returns a fresh predictor object (own online state) sharing the
         parsed model; use one instance per router.
         """
-        booster_json, meta, text_model, version = _shipped()
-        return cls(booster_json, meta, version=version, text_model=text_model)
+        booster_json, meta, text_model, version, head = _shipped()
+        return cls(booster_json, meta, version=version, text_model=text_model,
+                   encoder_head=head)
 
     # -- features and prediction ---------------------------------------------------------
 
@@ -503,17 +570,17 @@ class OutputLengthPredictor(_Base):
         t0, t1 = F.TASK_OFFSET, F.TASK_OFFSET + len(F.TASKS)
         if n == 1:  # fast path; same arithmetic as the batch path, so the same bits
             row = np.array(feats[0], dtype=np.float32)
-            if row.shape != (F.N_FEATURES,):
-                raise ValueError(f"expected {F.N_FEATURES} features, got shape {row.shape}")
+            if row.shape != (self.n_features,):
+                raise ValueError(f"expected {self.n_features} features, got shape {row.shape}")
             onehot = list(feats[0][t0:t1])
             task = onehot.index(1.0) if 1.0 in onehot else len(F.TASKS) - 1
             if not F.has_history(feats[0]):
                 task += len(F.TASKS)
             margins = [(self._forest.margin_row(row) + self._task_offsets[task]).tolist()]
         else:
-            x = _rows_f32(feats)
-            if x.ndim != 2 or x.shape[1] != F.N_FEATURES:
-                raise ValueError(f"expected rows of {F.N_FEATURES} features, got {x.shape}")
+            x = _rows_f32(feats, self.n_features)
+            if x.ndim != 2 or x.shape[1] != self.n_features:
+                raise ValueError(f"expected rows of {self.n_features} features, got {x.shape}")
             oh = x[:, t0:t1]
             tasks = np.where(oh.max(axis=1) == 1.0, oh.argmax(axis=1), len(F.TASKS) - 1)
             counts = x[:, [F.HISTORY_OFFSET + i for i in F.HISTORY_COUNT_COLS]]
@@ -641,8 +708,15 @@ def default_model_dir() -> Path:
     return Path(goodserve.__file__).resolve().parent / "data" / "predictor"
 
 
-def _read_dir(d: Path) -> tuple[dict[str, Any], dict[str, Any], F.TextModel | None, str]:
-    """Parse a model directory; the version hashes the model, metadata and text model files."""
+_ModelFiles = tuple[
+    dict[str, Any], dict[str, Any], F.TextModel | None, str, tuple[np.ndarray, np.ndarray] | None
+]
+"""A model directory parsed: booster JSON, metadata, text model, version, encoder head."""
+
+
+def _read_dir(d: Path) -> _ModelFiles:
+    """Parse a model directory; the version hashes the model, metadata, text model and
+    encoder head files."""
     if not d.is_dir():
         raise FileNotFoundError(f"not a predictor model directory: {d}")
     mpath = d / MODEL_FILE
@@ -663,11 +737,18 @@ def _read_dir(d: Path) -> tuple[dict[str, Any], dict[str, Any], F.TextModel | No
             arrays = {k: np.asarray(z[k], dtype=np.float64) for k in z.files}
         text_model = F.TextModel(arrays["word_w"], arrays["char_w"], arrays["word_idf"],
                                  arrays["char_idf"])
-    return json.loads(text), meta, text_model, "xgb-" + h.hexdigest()[:12]
+    head = None
+    epath = d / ENCODER_FILE
+    if epath.exists():
+        eraw = epath.read_bytes()
+        h.update(eraw)
+        with np.load(io.BytesIO(eraw), allow_pickle=False) as z:
+            head = (np.asarray(z["w"], np.float64), np.asarray(z["b"], np.float64))
+    return json.loads(text), meta, text_model, "xgb-" + h.hexdigest()[:12], head
 
 
 @functools.lru_cache(maxsize=1)
-def _shipped() -> tuple[dict[str, Any], dict[str, Any], F.TextModel | None, str]:
+def _shipped() -> _ModelFiles:
     return _read_dir(default_model_dir())
 
 

@@ -42,13 +42,20 @@ def register(sub: Any) -> None:
     pt.add_argument("--out", type=Path, required=True, help="model directory to write")
     pt.add_argument("--rounds", type=int, default=None, help="boosting rounds")
     pt.add_argument("--nthread", type=int, default=1)
+    pt.add_argument("--encoder", action="store_true",
+                    help="train the encoder tier (needs goodserve[encoder]: a sentence "
+                         "encoder's score of the prompt as one more feature)")
+    pt.add_argument("--encoder-threads", type=int, default=None,
+                    help="torch threads for the encoder (default: torch's choice)")
     pt.add_argument("--json", action="store_true")
     pt.set_defaults(func=_train)
 
     pe = psub.add_parser("eval", help="evaluate a model (default: the shipped one)")
     pe.add_argument("--data", type=Path, help="predictor data file (default: public held-out)")
     pe.add_argument("--data-dir", type=Path, help="shared data folder (when no --data)")
-    pe.add_argument("--model", type=Path, help="model directory (default: shipped model)")
+    pe.add_argument("--model", type=Path,
+                    help="model directory (default: the shipped model; 'encoder': the "
+                         "shipped encoder tier)")
     pe.add_argument("--split", choices=("all", "heldout"), default=None,
                     help="rows of --data to use (default all; public data: heldout)")
     pe.add_argument("--history", choices=("both", "online", "none"), default="both",
@@ -60,7 +67,7 @@ def register(sub: Any) -> None:
     pe.set_defaults(func=_eval)
 
     pb = psub.add_parser("bench", help="time predictions (microseconds per request)")
-    pb.add_argument("--model", type=Path)
+    pb.add_argument("--model", type=Path, help="model directory, or 'encoder'")
     pb.add_argument("--n", type=int, default=5000)
     pb.add_argument("--json", action="store_true")
     pb.set_defaults(func=_bench)
@@ -100,6 +107,10 @@ def _train(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = {"params": {"nthread": args.nthread}}
     if args.rounds:
         kw["rounds"] = args.rounds
+    if args.encoder:
+        from goodserve.dispatcher.predictor.encoder import PromptEncoder
+
+        kw["encoder"] = PromptEncoder(threads=args.encoder_threads).load()
     meta = train.train(recs, args.out, **kw)
     summary = {"out": str(args.out), "rows": meta["rows"],
                "seconds": round(time.perf_counter() - t0, 2)}
@@ -111,7 +122,7 @@ def _train(args: argparse.Namespace) -> int:
 def _load_model(path: Path | None) -> Any:
     from goodserve.dispatcher.predictor.model import OutputLengthPredictor
 
-    return OutputLengthPredictor.load(path) if path else OutputLengthPredictor.default()
+    return OutputLengthPredictor.from_spec(path)
 
 
 def _eval(args: argparse.Namespace) -> int:

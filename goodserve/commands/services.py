@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 from typing import Any
 
 from goodserve.config import Settings
+from goodserve.schemas.errors import ConfigError
 
 
 def register(sub: Any) -> None:
@@ -36,6 +38,12 @@ def register(sub: Any) -> None:
                    help="one decision in N records every instance's view, what `goodserve "
                         "audit replay` needs to redo it (default 1: every decision; the "
                         "views are most of a record on a large fleet; 0: none)")
+    d.add_argument("--predictor-model", metavar="MODEL",
+                   default=os.environ.get("GOODSERVE_PREDICTOR_MODEL", "default"),
+                   help="output-length model: default (shipped), encoder (the shipped "
+                        "encoder tier: better predictions of new prompts for milliseconds "
+                        "of CPU each; needs goodserve[encoder]), or a model directory "
+                        "(env GOODSERVE_PREDICTOR_MODEL)")
     d.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     d.set_defaults(func=run_dispatcher)
     m = sub.add_parser("monitor", help="run the standalone risk monitor (migrations)")
@@ -58,9 +66,16 @@ def run_dispatcher(args: argparse.Namespace) -> int:
             overrides[k] = json.loads(v)
         except json.JSONDecodeError:
             overrides[k] = v
+    from goodserve.dispatcher.predictor.model import OutputLengthPredictor
     from goodserve.dispatcher.validation import Limits
 
     settings = Settings.from_args(args)
+    try:
+        predictor = OutputLengthPredictor.from_spec(args.predictor_model)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"goodserve dispatcher: --predictor-model {args.predictor_model}: {e}",
+              file=sys.stderr)
+        return 2
     limits = Limits.for_records(settings.max_record_bytes)
     if args.max_prompt_chars is not None:
         limits.max_prompt_chars = args.max_prompt_chars
@@ -71,7 +86,7 @@ def run_dispatcher(args: argparse.Namespace) -> int:
         monitor=not args.no_monitor, default_slo_s=args.default_slo_s,
         max_tokens_bound=not args.no_max_tokens_bound,
         metrics_port=args.metrics_port, rebuild_lookback_s=args.rebuild_lookback_s,
-        decision_views_every=args.decision_views_every,
+        decision_views_every=args.decision_views_every, predictor=predictor,
     )
     asyncio.run(serve_until_signal(svc.start, svc.stop))
     return 0

@@ -21,7 +21,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--predictor",
         default="xgb",
-        help="xgb (shipped model), task-median, oracle, noisy:<error> (e.g. noisy:0.3)",
+        help="xgb (shipped model), xgb-encoder (its encoder tier: needs goodserve[encoder]), "
+             "task-median, oracle, noisy:<error> (e.g. noisy:0.3)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-migrate", action="store_true", help="disable the risk monitor")

@@ -163,7 +163,15 @@ class Simulator:
 
         if name == "task-median":
             return pm.TaskMedianPredictor.default()
-        return pm.OutputLengthPredictor.default()
+        if name == "xgb":
+            return pm.OutputLengthPredictor.default()
+        if name == "xgb-encoder":
+            p = pm.OutputLengthPredictor.encoder_tier()
+            # embed the trace's prompts in batches now, not one by one as they arrive
+            p.prepare([PredictorInput(input_tokens=0, prompt=r.prompt) for r in self.rows])
+            return p
+        raise ValueError(f"unknown predictor {name!r}: xgb, xgb-encoder, task-median, "
+                         f"oracle or noisy:<error>")
 
     def _noise(self, rid: str, error: float) -> float:
         """Log-normal factor of relative size ``error``, repeatable per (seed, request)."""
