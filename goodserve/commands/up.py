@@ -15,6 +15,7 @@ from typing import Any
 from goodserve.config import Settings
 from goodserve.errors import GoodServeError
 
+from ._common import add_predictor_argument, load_predictor
 from .gateway import add_gateway_arguments, gateway_config, no_max_tokens_bound
 
 
@@ -29,6 +30,7 @@ def register(sub: Any) -> None:
     p.add_argument("--no-monitor", action="store_true", help="no risk monitor (no migrations)")
     p.add_argument("--endpoint-api-key-env", metavar="VAR",
                    help="environment variable holding the key for fleet endpoints")
+    add_predictor_argument(p)
     Settings.add_arguments(p)
     add_gateway_arguments(p)
     p.set_defaults(func=run_up)
@@ -49,6 +51,9 @@ def run_up(args: argparse.Namespace) -> int:
     except GoodServeError as e:
         print(f"goodserve up: {e}", file=sys.stderr)
         return 2
+    loaded, predictor = load_predictor(args.predictor_model, "up")
+    if not loaded:
+        return 2
     broker: EmbeddedBroker | None = None
     if args.bootstrap_servers:
         settings = Settings.from_args(args)
@@ -68,7 +73,7 @@ def run_up(args: argparse.Namespace) -> int:
                            time_scale=args.time_scale, monitor=not args.no_monitor,
                            default_slo_s=gw.default_slo_s, gateway=gw,
                            max_tokens_bound=not no_max_tokens_bound(args),
-                           endpoint_api_key=key)
+                           endpoint_api_key=key, predictor=predictor)
         state["stack"] = stack
         await stack.start()
         assert stack.gateway is not None
