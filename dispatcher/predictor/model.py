@@ -728,22 +728,23 @@ def _read_dir(d: Path) -> _ModelFiles:
     meta_raw = (d / META_FILE).read_bytes()
     h.update(meta_raw)  # conformal offsets, priors and hint weight change predictions too
     meta = json.loads(meta_raw)
+
+    def arrays_of(name: str) -> dict[str, np.ndarray] | None:
+        """A numpy zip of the directory as float64 arrays (hashed into the version)."""
+        path = d / name
+        if not path.exists():
+            return None
+        raw = path.read_bytes()
+        h.update(raw)
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            return {k: np.asarray(z[k], dtype=np.float64) for k in z.files}
+
     text_model = None
-    tpath = d / TEXT_MODEL_FILE
-    if tpath.exists():
-        traw = tpath.read_bytes()
-        h.update(traw)
-        with np.load(io.BytesIO(traw), allow_pickle=False) as z:
-            arrays = {k: np.asarray(z[k], dtype=np.float64) for k in z.files}
-        text_model = F.TextModel(arrays["word_w"], arrays["char_w"], arrays["word_idf"],
-                                 arrays["char_idf"])
+    if (t := arrays_of(TEXT_MODEL_FILE)) is not None:
+        text_model = F.TextModel(t["word_w"], t["char_w"], t["word_idf"], t["char_idf"])
     head = None
-    epath = d / ENCODER_FILE
-    if epath.exists():
-        eraw = epath.read_bytes()
-        h.update(eraw)
-        with np.load(io.BytesIO(eraw), allow_pickle=False) as z:
-            head = (np.asarray(z["w"], np.float64), np.asarray(z["b"], np.float64))
+    if (e := arrays_of(ENCODER_FILE)) is not None:
+        head = (e["w"], e["b"])
     return json.loads(text), meta, text_model, "xgb-" + h.hexdigest()[:12], head
 
 
