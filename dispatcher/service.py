@@ -1142,6 +1142,9 @@ class DispatcherService(AsyncService):
         own = self._ownership()
         if own is None:
             return  # the group has not given this replica its partitions yet
+        # a restarted dispatcher's encoder tier has none of these prompts cached yet
+        if await self._prepare_predictions([o.request for o in self.orphans.values()]):
+            now = time.time()
         for rid, o in list(self.orphans.items()):
             if rid not in self.orphans or not self._owns(rid, o.request, own):
                 continue  # another replica owns it and reissues it

@@ -73,6 +73,37 @@ def test_the_cache_spares_repeats_and_shared_beginnings(encoder: PromptEncoder) 
     assert encoder.encoded == before + 2 and not np.array_equal(short[0], a[0])
 
 
+def test_a_cached_lookup_never_waits_for_a_batch_being_embedded(
+    encoder: PromptEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dispatcher embeds a poll in a worker thread while its event loop may route a
+    reissued request whose prompt is cached: that lookup must not wait for the batch."""
+    import threading
+
+    encoder.embed(["an old prompt, cached"])
+    entered, release = threading.Event(), threading.Event()
+    real = encoder._encode
+
+    def slow_encode(ids: Any, progress: Any) -> np.ndarray:
+        entered.set()
+        assert release.wait(30.0)
+        return real(ids, progress)
+
+    monkeypatch.setattr(encoder, "_encode", slow_encode)
+    batch = threading.Thread(target=encoder.embed, args=(["a new prompt, being embedded"],))
+    batch.start()
+    assert entered.wait(30.0)
+    got: list[np.ndarray] = []
+    lookup = threading.Thread(target=lambda: got.append(encoder.embed(["an old prompt, cached"])))
+    lookup.start()
+    lookup.join(10.0)
+    finished_while_batch_ran = not lookup.is_alive() and batch.is_alive()
+    release.set()
+    batch.join(30.0)
+    lookup.join(30.0)
+    assert finished_while_batch_ran and got and got[0].shape == (1, 384)
+
+
 def test_weights_other_than_the_official_ones_are_refused(tmp_path: Path) -> None:
     src = default_model_dir()
     fake = tmp_path / "model"

@@ -91,6 +91,10 @@ class PromptEncoder:
         self._tok: Any = None
         self._model: Any = None
         self._lock = threading.Lock()
+        """Held to load, tokenize and run the network (one forward pass at a time)."""
+        self._cache_lock = threading.Lock()
+        """Held only to read or change the caches: a lookup on the event loop never waits
+        for a batch that a worker thread is embedding."""
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         """By the word pieces read (a workflow's growing prompts share their first ones)."""
         self._by_text: OrderedDict[bytes, np.ndarray] = OrderedDict()
@@ -156,41 +160,55 @@ class PromptEncoder:
         if not prompts:
             return out
         digests = [_digest(p) for p in prompts]
+        miss = self._from_text_cache(digests, out)
+        if not miss:
+            return out
         with self._lock:
             self._load_locked()
-            miss = []
-            for j, d in enumerate(digests):
+            miss = self._from_text_cache([digests[j] for j in miss], out, miss)  # meanwhile?
+            if not miss:
+                return out
+            ids = self._ids([prompts[j] for j in miss])
+            keys = [np.asarray(i, dtype=np.int32).tobytes() for i in ids]
+            todo: dict[bytes, list[int]] = {}
+            with self._cache_lock:
+                for j, k in zip(miss, keys, strict=True):
+                    hit = self._cache.get(k)
+                    if hit is not None:
+                        self._cache.move_to_end(k)
+                        out[j] = hit
+                    else:
+                        todo.setdefault(k, []).append(j)
+            new = list(todo.items())
+            first = dict(zip(miss, ids, strict=True))
+            vecs = self._encode([first[js[0]] for _, js in new], progress) if new else \
+                np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+            with self._cache_lock:
+                for (k, js), v in zip(new, vecs, strict=True):
+                    out[js] = v
+                    self._cache[k] = v
+                for j in miss:
+                    self._by_text[digests[j]] = out[j]
+                for c in (self._cache, self._by_text):
+                    while len(c) > self.cache_size:
+                        c.popitem(last=False)
+        return out
+
+    def _from_text_cache(
+        self, digests: Sequence[bytes], out: np.ndarray, rows: Sequence[int] | None = None
+    ) -> list[int]:
+        """Fill ``out`` rows (``rows``, default 0..n-1) whose digest is cached; the rest."""
+        rows = range(len(digests)) if rows is None else rows
+        miss = []
+        with self._cache_lock:
+            for j, d in zip(rows, digests, strict=True):
                 hit = self._by_text.get(d)
                 if hit is not None:
                     self._by_text.move_to_end(d)
                     out[j] = hit
                 else:
                     miss.append(j)
-            if not miss:
-                return out
-            ids = self._ids([prompts[j] for j in miss])
-            todo: dict[bytes, list[int]] = {}
-            for j, i in zip(miss, ids, strict=True):
-                k = np.asarray(i, dtype=np.int32).tobytes()
-                hit = self._cache.get(k)
-                if hit is not None:
-                    self._cache.move_to_end(k)
-                    out[j] = hit
-                else:
-                    todo.setdefault(k, []).append(j)
-            if todo:
-                new = list(todo.items())
-                first = {j: i for j, i in zip(miss, ids, strict=True)}
-                vecs = self._encode([first[js[0]] for _, js in new], progress)
-                for (k, js), v in zip(new, vecs, strict=True):
-                    out[js] = v
-                    self._cache[k] = v
-            for j in miss:
-                self._by_text[digests[j]] = out[j]
-            for c in (self._cache, self._by_text):
-                while len(c) > self.cache_size:
-                    c.popitem(last=False)
-        return out
+        return miss
 
     def _encode(
         self, ids: list[list[int]], progress: Callable[[int, int], None] | None
@@ -214,15 +232,18 @@ class PromptEncoder:
 
     def cached(self, prompt: str) -> np.ndarray | None:
         """The prompt's embedding if it is cached, else None (never encodes)."""
-        with self._lock:
+        with self._cache_lock:
             hit = self._by_text.get(_digest(prompt))
-            if hit is not None:
-                return hit
+        if hit is not None:
+            return hit
+        with self._lock:
             self._load_locked()
-            return self._cache.get(np.asarray(self._ids([prompt])[0], dtype=np.int32).tobytes())
+            key = np.asarray(self._ids([prompt])[0], dtype=np.int32).tobytes()
+        with self._cache_lock:
+            return self._cache.get(key)
 
     def clear(self) -> None:
-        with self._lock:
+        with self._cache_lock:
             self._cache.clear()
             self._by_text.clear()
 
