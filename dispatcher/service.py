@@ -85,7 +85,7 @@ from goodserve.transport.consumer import (
 )
 from goodserve.transport.deadletter import DeadLetterSink
 from goodserve.transport.kafka import kafka_client_kwargs, kafka_errors
-from goodserve.transport.producer import Delivery, TypedProducer
+from goodserve.transport.producer import Delivery, TypedProducer, send_fitting
 from goodserve.transport.topics import ensure_topics, instance_topic_spec, standard_topics
 
 log = get_logger("goodserve.dispatcher")
@@ -766,24 +766,29 @@ class DispatcherService(AsyncService):
         record alone: refused before it is sent, and refused again on every retry, which
         would hold up every request behind it.
         """
-        assert self._producer is not None
+        producer = self._producer
+        assert producer is not None
         topic, key = self.settings.decisions_topic, record.request_id
-        for smaller in (None, _without_views, _without_prompt):
-            if smaller is not None:
-                record = smaller(record)
-            try:
-                return await self._producer.send_nowait(topic, record, key=key)
-            except RecordTooLarge as e:
-                error = e
-                if smaller is None:
-                    self.stats.decisions_too_large += 1
-                    if self.stats.decisions_too_large % 1000 == 1:  # the first, then 1 in 1,000
-                        log.warning("dispatcher.decision_too_large", error=str(e),
-                                    instances=len(record.instances),
-                                    count=self.stats.decisions_too_large,
-                                    hint="--decision-views-every N records the views in one of N")
-        log.error("dispatcher.decision_not_recorded", error=str(error))
-        return None
+        steps = iter((_without_views, _without_prompt))
+
+        def smaller(d: Decision, e: RecordTooLarge) -> Decision | None:
+            step = next(steps, None)
+            if step is _without_views:
+                self.stats.decisions_too_large += 1
+                if self.stats.decisions_too_large % 1000 == 1:  # the first, then 1 in 1,000
+                    log.warning("dispatcher.decision_too_large", error=str(e),
+                                instances=len(d.instances), count=self.stats.decisions_too_large,
+                                hint="--decision-views-every N records the views in one of N")
+            return step(d) if step is not None else None
+
+        try:
+            sent, _ = await send_fitting(
+                lambda d: producer.send_nowait(topic, d, key=key), record, smaller
+            )
+        except RecordTooLarge as e:
+            log.error("dispatcher.decision_not_recorded", error=str(e))
+            return None
+        return sent
 
     def block_hashes(self, req: AgentRequest) -> list[int] | None:
         """The prompt's chained KV-block hashes for the prefix index (token ids, else text,
@@ -1006,19 +1011,18 @@ class DispatcherService(AsyncService):
             return
         self.stats.results += 1
         self.stats.met += bool(r.met_deadline)
-        if not learn:  # settled, nothing learnt
+        if not learn:  # settled, nothing learnt from its numbers
             self.est.on_finish(r.request_id, now=now)
-            self.inputs.pop(r.request_id, None)
-            self._forget(r.request_id)
-            return
-        if r.first_token_at and r.dispatched_at:
-            self.est.on_first_token(r.request_id, now=now)
-        decode_s = None
-        if r.first_token_at and r.finished_at and r.migrations == 0:
-            decode_s = r.finished_at - r.first_token_at
-        self.est.on_finish(r.request_id, now=now, output_tokens=r.output_tokens, decode_s=decode_s)
+        else:
+            if r.first_token_at and r.dispatched_at:
+                self.est.on_first_token(r.request_id, now=now)
+            decode_s = None
+            if r.first_token_at and r.finished_at and r.migrations == 0:
+                decode_s = r.finished_at - r.first_token_at
+            self.est.on_finish(r.request_id, now=now, output_tokens=r.output_tokens,
+                               decode_s=decode_s)
         x = self.inputs.pop(r.request_id, None)
-        if x is not None and r.status == "ok":
+        if learn and x is not None and r.status == "ok":
             learned.append((x, r.output_tokens))  # the predictor learns it in _learn
         self._forget(r.request_id)
 
@@ -1497,17 +1501,18 @@ class DispatcherService(AsyncService):
         """Produce a reissued Assignment; one whose checkpoint makes it too large for a
         record goes without the checkpoint's progress (the instance restarts the request
         from its prompt). Returns what was sent."""
-        assert self._producer is not None
+        producer = self._producer
+        assert producer is not None
         topic, rid = self.settings.instance_topic(a.instance_id), a.request.request_id
-        try:
-            await self._producer.send(topic, a, key=rid)
-        except RecordTooLarge as e:
+
+        def smaller(a: Assignment, e: RecordTooLarge) -> Assignment | None:
             if a.resume is None or a.resume.progress_dropped:
-                raise
+                return None
             log.warning("dispatcher.resume_too_large", request_id=rid, error=str(e),
                         generated=len(a.resume.generated_token_ids))
-            a = msgspec.structs.replace(a, resume=a.resume.without_progress())
-            await self._producer.send(topic, a, key=rid)
+            return msgspec.structs.replace(a, resume=a.resume.without_progress())
+
+        _, a = await send_fitting(lambda a: producer.send(topic, a, key=rid), a, smaller)
         return a
 
     async def _reissue(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from goodserve.dispatcher.router import deadline_of, input_tokens_of
 from goodserve.schemas import AgentRequest, Heartbeat, Result
 
-from goodserve.config import MAX_INSTANCE_ID, is_topic_name
+from goodserve.config import is_instance_id, is_topic_name
 from goodserve.errors import (
     DuplicateRequest,
     InvalidRequest,
@@ -146,7 +146,7 @@ def report_problem(msg: Heartbeat | Result) -> str | None:
     instance's batch limit, a negative length an answer the predictor learns from, and a
     NaN (possible in process, not through JSON) would stay in a correction for good."""
     if isinstance(msg, Heartbeat):
-        if not (is_topic_name(msg.instance_id) and len(msg.instance_id) <= MAX_INSTANCE_ID):
+        if not is_instance_id(msg.instance_id):
             return f"heartbeat instance_id {msg.instance_id[:100]!r} cannot name a topic"
         for f in _HEARTBEAT_COUNTS:
             if getattr(msg, f) < 0:

@@ -30,6 +30,11 @@ def is_topic_name(name: str) -> bool:
     return _TOPIC_NAME.fullmatch(name) is not None and name not in (".", "..")
 
 
+def is_instance_id(name: str) -> bool:
+    """Whether ``name`` can be an instance id: a topic name of at most ``MAX_INSTANCE_ID``."""
+    return len(name) <= MAX_INSTANCE_ID and is_topic_name(name)
+
+
 DEFAULT_MAX_RECORD_BYTES = 1_048_576
 """aiokafka's ``max_request_size`` and about Kafka's ``message.max.bytes`` (1,048,588)."""
 MIN_RECORD_BYTES = 65_536

@@ -76,6 +76,7 @@ from goodserve.transport import (
     TypedProducer,
     ensure_topics,
     instance_topic_spec,
+    send_fitting,
 )
 
 __all__ = ["WorkerService", "engine_request_for", "input_tokens_of"]
@@ -707,17 +708,17 @@ class WorkerService(AsyncService):
         assert self._producer is not None
         self._finished.add(req.request_id)
         topic = req.reply_to or self.settings.results_topic
-        while True:
-            try:
-                await self._send_retrying(topic, res, key=req.request_id)
-                break
-            except RecordTooLarge as e:
-                smaller = smaller_result(res, e, self.settings.max_record_bytes)
-                if smaller is None:
-                    raise
+
+        def smaller(r: Result, e: RecordTooLarge) -> Result | None:
+            less = smaller_result(r, e, self.settings.max_record_bytes)
+            if less is not None:
                 log.warning("worker.result_too_large", output_tokens=out_tokens,
-                            omitted_ids=smaller.output_token_ids_omitted, error=str(e))
-                res = smaller
+                            omitted_ids=less.output_token_ids_omitted, error=str(e))
+            return less
+
+        _, res = await send_fitting(
+            lambda r: self._send_retrying(topic, r, key=req.request_id), res, smaller
+        )
         self.results_produced += 1
         self.metrics.observe_result(res)
         extra = {"text": tr.text} if self.log_payloads else {}
@@ -793,15 +794,16 @@ class WorkerService(AsyncService):
             resume=ckpt.for_assignment(),
         )
         assert self._producer is not None
-        try:
-            await self._send_retrying(target_topic, resume, key=m.request_id)
-        except RecordTooLarge as e:  # the target restarts it from the prompt
+
+        def without_progress(r: Assignment, e: RecordTooLarge) -> Assignment | None:
+            if r.resume is None or r.resume.progress_dropped:
+                return None  # the target restarts it from the prompt
             log.warning("worker.resume_too_large", migration_id=m.migration_id, error=str(e),
-                        generated=len(ckpt.generated_token_ids))
-            resume = msgspec.structs.replace(
-                resume, resume=ckpt.without_progress().for_assignment()
-            )
-            await self._send_retrying(target_topic, resume, key=m.request_id)
+                        generated=len(r.resume.generated_token_ids))
+            return msgspec.structs.replace(r, resume=r.resume.without_progress())
+
+        await send_fitting(lambda r: self._send_retrying(target_topic, r, key=m.request_id),
+                           resume, without_progress)
         failpoint("worker.migration.resumed")
         self.migrated_out += 1
         await self._settle(tr.env)
@@ -843,13 +845,19 @@ class WorkerService(AsyncService):
             migrations=prior + 1,
         )
         assert self._producer is not None
-        try:
-            await self._send_retrying(self.settings.checkpoints_topic, ckpt, key=rid)
-        except RecordTooLarge as e:  # a long prompt and a long output: restart, not a loss
+
+        def without_progress(c: Checkpoint, e: RecordTooLarge) -> Checkpoint | None:
+            if c.progress_dropped:
+                return None
+            # a long prompt and a long output: restart, not a loss
             log.warning("worker.checkpoint_too_large", migration_id=migration_id, error=str(e),
-                        generated=len(ckpt.generated_token_ids))
-            ckpt = ckpt.without_progress()
-            await self._send_retrying(self.settings.checkpoints_topic, ckpt, key=rid)
+                        generated=len(c.generated_token_ids))
+            return c.without_progress()
+
+        _, ckpt = await send_fitting(
+            lambda c: self._send_retrying(self.settings.checkpoints_topic, c, key=rid), ckpt,
+            without_progress,
+        )
         self.metrics.checkpoints.inc()
         return ckpt
 

@@ -160,31 +160,24 @@ class PromptEncoder:
         if not prompts:
             return out
         digests = [_digest(p) for p in prompts]
-        miss = self._from_text_cache(digests, out)
+        miss = self._fill(self._by_text, digests, range(len(prompts)), out)
         if not miss:
             return out
         with self._lock:
             self._load_locked()
-            miss = self._from_text_cache([digests[j] for j in miss], out, miss)  # meanwhile?
+            # embedded by another thread while this one waited for the lock?
+            miss = self._fill(self._by_text, [digests[j] for j in miss], miss, out)
             if not miss:
                 return out
-            ids = self._ids([prompts[j] for j in miss])
-            keys = [np.asarray(i, dtype=np.int32).tobytes() for i in ids]
-            todo: dict[bytes, list[int]] = {}
-            with self._cache_lock:
-                for j, k in zip(miss, keys, strict=True):
-                    hit = self._cache.get(k)
-                    if hit is not None:
-                        self._cache.move_to_end(k)
-                        out[j] = hit
-                    else:
-                        todo.setdefault(k, []).append(j)
-            new = list(todo.items())
-            first = dict(zip(miss, ids, strict=True))
-            vecs = self._encode([first[js[0]] for _, js in new], progress) if new else \
+            ids = dict(zip(miss, self._ids([prompts[j] for j in miss]), strict=True))
+            keys = {j: _key(i) for j, i in ids.items()}
+            todo: dict[bytes, list[int]] = {}  # the same word pieces are embedded once
+            for j in self._fill(self._cache, [keys[j] for j in miss], miss, out):
+                todo.setdefault(keys[j], []).append(j)
+            vecs = self._encode([ids[js[0]] for js in todo.values()], progress) if todo else \
                 np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
             with self._cache_lock:
-                for (k, js), v in zip(new, vecs, strict=True):
+                for (k, js), v in zip(todo.items(), vecs, strict=True):
                     out[js] = v
                     self._cache[k] = v
                 for j in miss:
@@ -194,17 +187,18 @@ class PromptEncoder:
                         c.popitem(last=False)
         return out
 
-    def _from_text_cache(
-        self, digests: Sequence[bytes], out: np.ndarray, rows: Sequence[int] | None = None
+    def _fill(
+        self, cache: OrderedDict[bytes, np.ndarray], keys: Sequence[bytes],
+        rows: Sequence[int], out: np.ndarray,
     ) -> list[int]:
-        """Fill ``out`` rows (``rows``, default 0..n-1) whose digest is cached; the rest."""
-        rows = range(len(digests)) if rows is None else rows
+        """Fill the ``rows`` of ``out`` whose key ``cache`` holds (now its most recent);
+        returns the rows it does not hold."""
         miss = []
         with self._cache_lock:
-            for j, d in zip(rows, digests, strict=True):
-                hit = self._by_text.get(d)
+            for j, k in zip(rows, keys, strict=True):
+                hit = cache.get(k)
                 if hit is not None:
-                    self._by_text.move_to_end(d)
+                    cache.move_to_end(k)
                     out[j] = hit
                 else:
                     miss.append(j)
@@ -238,7 +232,7 @@ class PromptEncoder:
             return hit
         with self._lock:
             self._load_locked()
-            key = np.asarray(self._ids([prompt])[0], dtype=np.int32).tobytes()
+            key = _key(self._ids([prompt])[0])
         with self._cache_lock:
             return self._cache.get(key)
 
@@ -246,6 +240,11 @@ class PromptEncoder:
         with self._cache_lock:
             self._cache.clear()
             self._by_text.clear()
+
+
+def _key(ids: list[int]) -> bytes:
+    """The token cache's key of a prompt's word pieces."""
+    return np.asarray(ids, dtype=np.int32).tobytes()
 
 
 def _digest(prompt: str) -> bytes:

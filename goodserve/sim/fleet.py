@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import yaml
 
-from goodserve.config import MAX_INSTANCE_ID, is_topic_name
+from goodserve.config import MAX_INSTANCE_ID, is_instance_id
 from goodserve.errors import ConfigError
 
 __all__ = [
@@ -177,7 +177,7 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> Fleet:
         }
         if has_id:
             iid = str(e["id"])
-            if not (is_topic_name(iid) and len(iid) <= MAX_INSTANCE_ID):
+            if not is_instance_id(iid):
                 raise ConfigError(
                     f"{where}: id {iid[:100]!r} must be 1-{MAX_INSTANCE_ID} of A-Z a-z 0-9 . _ -"
                     " (it names the instance's topic)"

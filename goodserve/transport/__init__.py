@@ -3,7 +3,7 @@
 from .consumer import BULK_FETCH_MAX_WAIT_MS, BULK_FETCH_MIN_BYTES, Envelope, TypedConsumer
 from .deadletter import DeadLetterSink, make_dead_letter
 from .kafka import kafka_client_kwargs, kafka_errors, map_kafka_error, ssl_context
-from .producer import Delivery, Sent, TypedProducer
+from .producer import Delivery, Sent, TypedProducer, send_fitting
 from .topics import (
     TopicSpec,
     delete_topics,
@@ -29,6 +29,7 @@ __all__ = [
     "kafka_errors",
     "make_dead_letter",
     "map_kafka_error",
+    "send_fitting",
     "ssl_context",
     "standard_topics",
 ]

@@ -16,7 +16,7 @@ from goodserve.lifecycle import AsyncService
 from goodserve.logging import get_logger
 from goodserve.schemas import DeadLetter
 
-from .producer import Sent, TypedProducer
+from .producer import Sent, TypedProducer, send_fitting
 
 log = get_logger(__name__)
 
@@ -99,17 +99,22 @@ class DeadLetterSink(AsyncService):
         where the whole record is (its topic, partition and offset)."""
         if not self._producer.started:
             await self._producer.start()
-        try:
-            sent = await self._producer.send(self.topic, record, key=record.topic)
-        except RecordTooLarge:
-            record = msgspec.structs.replace(
-                record,
-                payload=record.payload[:TRUNCATED_PAYLOAD],
-                reason=f"{record.reason} (payload truncated from {len(record.payload)} to "
-                f"{TRUNCATED_PAYLOAD} bytes; the record: {record.topic} partition "
-                f"{record.partition} offset {record.offset})",
+        producer = self._producer
+
+        def truncated(r: DeadLetter, e: RecordTooLarge) -> DeadLetter | None:
+            if len(r.payload) <= TRUNCATED_PAYLOAD:
+                return None
+            return msgspec.structs.replace(
+                r,
+                payload=r.payload[:TRUNCATED_PAYLOAD],
+                reason=f"{r.reason} (payload truncated from {len(r.payload)} to "
+                f"{TRUNCATED_PAYLOAD} bytes; the record: {r.topic} partition "
+                f"{r.partition} offset {r.offset})",
             )
-            sent = await self._producer.send(self.topic, record, key=record.topic)
+
+        sent, record = await send_fitting(
+            lambda r: producer.send(self.topic, r, key=r.topic), record, truncated
+        )
         self.count += 1
         log.warning(
             "deadletter.sent",

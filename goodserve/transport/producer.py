@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Generator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple, Self, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from goodserve.config import Settings
-from goodserve.errors import ConfigError, TransportError
+from goodserve.errors import ConfigError, RecordTooLarge, TransportError
 from goodserve.lifecycle import AsyncService
 from goodserve.logging import get_logger
 from goodserve.schemas import Message, encode, type_name
@@ -30,6 +30,28 @@ class Sent(NamedTuple):
     partition: int
     offset: int
     timestamp_ms: int
+
+
+M = TypeVar("M")
+R = TypeVar("R")
+
+
+async def send_fitting(
+    send: Callable[[M], Awaitable[R]], msg: M, smaller: Callable[[M, RecordTooLarge], M | None]
+) -> tuple[R, M]:
+    """``send(msg)``; while its record is too large for the producer or the broker
+    (``RecordTooLarge``), send what ``smaller(msg, error)`` makes of it instead, and
+    re-raise where that is None (nothing left to take out). Returns what ``send`` returned
+    and the message that went: a checkpoint without its progress, a Result without its
+    token ids, a decision without the instances' views."""
+    while True:
+        try:
+            return await send(msg), msg
+        except RecordTooLarge as e:
+            less = smaller(msg, e)
+            if less is None:
+                raise
+            msg = less
 
 
 def _key_bytes(key: Key) -> bytes | None:
